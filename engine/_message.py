@@ -1,0 +1,158 @@
+"""Message and SessionMessage: what travels between proxies."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from ._ids import new_id
+
+
+class SessionType(str, Enum):
+    """The two built-in session types; their state machines are defined in `specs/`.
+
+    A user-defined type is named by a plain string (the `session` name in a loaded spec file).
+    """
+
+    TASK = "task"
+    NOTIFICATION = "notification"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def tag_text(tag: Any) -> str:
+    """The text a tag is matched and sent by: an Enum by its value, anything else by `str()`."""
+    if isinstance(tag, str):
+        return tag.value if isinstance(tag, Enum) else tag
+    if isinstance(tag, Enum):
+        return str(tag.value)
+    return str(tag)
+
+
+class Message:
+    """A unit of communication between components.
+
+        >>> m = Message(tag="check_in", source="worker_001", destination="master", payload="")
+        >>> m.tag, m.source, m.destination
+        ('check_in', 'worker_001', 'master')
+
+    `session_id` and `message_id` are generated (UUID text) unless given.
+    """
+
+    __slots__ = ("tag", "source", "destination", "payload", "session_id", "message_id")
+
+    def __init__(
+        self,
+        tag: Any,
+        source: str,
+        destination: str,
+        payload: Any = None,
+        session_id: str | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        self.tag = tag
+        self.source = source
+        self.destination = destination
+        self.payload = payload
+        self.session_id = session_id if session_id is not None else new_id()
+        self.message_id = message_id if message_id is not None else new_id()
+
+    @property
+    def tag_text(self) -> str:
+        """The tag as matched by rules and sent on the wire (Enum tags by value)."""
+        return tag_text(self.tag)
+
+    def reply_message(self, source: str, tag: Any = None, payload: Any = None) -> Message:
+        """A new message in this session, addressed back to this message's source."""
+        return Message(
+            tag=self.tag if tag is None else tag,
+            source=source,
+            destination=self.source,
+            payload=payload,
+            session_id=self.session_id,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(tag={self.tag!r}, source={self.source!r}, "
+            f"destination={self.destination!r}, session_id={self.session_id!r}, "
+            f"message_id={self.message_id!r})"
+        )
+
+
+class SessionMessage(Message):
+    """A message that belongs to a session whose stages the proxy tracks.
+
+        >>> task = SessionMessage(tag="sum", source="master", destination="worker_001",
+        ...                       payload=[0, 1, 2], session_type=SessionType.TASK)
+        >>> task.session_stage
+        'request'
+
+    `session_type` is a `SessionType` or the name of a user-defined session type from a loaded spec.
+    `session_stage` defaults to that type's initial state. `event`, when given, is the event the
+    receiver fires on this session when the message arrives (for user-defined types; the built-in ones
+    need none: arrival fires `received`, a reply's arrival fires `completed`).
+    """
+
+    __slots__ = ("session_type", "session_stage", "event")
+
+    def __init__(
+        self,
+        tag: Any,
+        source: str,
+        destination: str,
+        payload: Any = None,
+        session_type: SessionType | str = SessionType.TASK,
+        session_stage: str | None = None,
+        session_id: str | None = None,
+        message_id: str | None = None,
+        event: str | None = None,
+    ) -> None:
+        Message.__init__(self, tag, source, destination, payload, session_id, message_id)
+        self.session_type = session_type
+        self.session_stage = session_stage if session_stage is not None else _initial_stage(session_type)
+        self.event = event
+
+    @property
+    def session_type_name(self) -> str:
+        st = self.session_type
+        return st.value if isinstance(st, SessionType) else str(st)
+
+    def reply_message(
+        self, source: str, tag: Any = None, payload: Any = None, *, stage: str | None = None,
+        event: str | None = None,
+    ) -> SessionMessage:
+        """A new message in this session, addressed back to this message's source."""
+        return SessionMessage(
+            tag=self.tag if tag is None else tag,
+            source=source,
+            destination=self.source,
+            payload=payload,
+            session_type=self.session_type,
+            session_stage=stage if stage is not None else self.session_stage,
+            session_id=self.session_id,
+            event=event,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"SessionMessage(tag={self.tag!r}, source={self.source!r}, destination={self.destination!r}, "
+            f"session_type={self.session_type_name!r}, session_stage={self.session_stage!r}, "
+            f"session_id={self.session_id!r}, message_id={self.message_id!r})"
+        )
+
+
+_BUILTIN_INITIAL = {"task": "request", "notification": "request"}
+
+
+def _initial_stage(session_type: SessionType | str) -> str | None:
+    name = session_type.value if isinstance(session_type, SessionType) else str(session_type)
+    initial = _BUILTIN_INITIAL.get(name)
+    if initial is not None:
+        return initial
+    # A user-defined type: ask the catalog of loaded session types, imported late to keep this cheap.
+    from ._sessions import catalog
+
+    compiled = catalog.get(name)
+    return compiled.initial if compiled is not None else None

@@ -1,0 +1,199 @@
+"""Every exception rallypoint raises, in one tree.
+
+    Error                              root of everything rallypoint raises
+    ├── ConfigError(ValueError)        a bad argument or option
+    ├── ParseError(ValueError)         text that does not parse; .line .column .context .expected
+    │   ├── RuleSyntaxError            a malformed rule expression
+    │   └── SpecSyntaxError            a malformed session spec
+    ├── SpecError(ValueError)          a spec that parses but does not compile; .line .column
+    ├── UnknownRuleName(KeyError)      a handler key names no rule
+    ├── SessionError                   something wrong with a session
+    │   ├── UnknownSessionType(KeyError)
+    │   ├── UnknownSession(KeyError)
+    │   └── IllegalTransition          an event the session's current state does not accept
+    ├── ProxyClosed                    the proxy was closed by us
+    ├── RegistryError                  the registry (Redis) could not be reached or is inconsistent
+    │   └── JoinTimeout(TimeoutError)  expected peers did not show up in time; .missing
+    └── TransportError                 the network or a peer failed us
+        ├── Timeout(TimeoutError)      a blocking call ran out of time; .missing
+        ├── PeerUnreachable            no live connection to that peer; .peer
+        ├── PeerGone                   the peer died or left while we waited on it; .peer
+        └── DeliveryRefused            a message could not be held for a gone peer (bound hit); .peer
+
+This module is a leaf: it imports nothing from rallypoint, so every layer can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "ConfigError",
+    "DeliveryRefused",
+    "Error",
+    "IllegalTransition",
+    "JoinTimeout",
+    "ParseError",
+    "PeerGone",
+    "PeerUnreachable",
+    "ProxyClosed",
+    "RegistryError",
+    "RuleSyntaxError",
+    "SessionError",
+    "SpecError",
+    "SpecSyntaxError",
+    "Timeout",
+    "TransportError",
+    "UnknownRuleName",
+    "UnknownSession",
+    "UnknownSessionType",
+]
+
+
+class Error(Exception):
+    """Root of everything rallypoint raises."""
+
+
+class ConfigError(Error, ValueError):
+    """A bad argument, option or configuration value."""
+
+
+class ParseError(Error, ValueError):
+    """Text that does not parse; says where, shows the line with a caret and what was expected."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        line: int | None = None,
+        column: int | None = None,
+        context: str = "",
+        expected: Iterable[str] = (),
+        text: str = "",
+    ) -> None:
+        self.line = line
+        self.column = column
+        self.context = context
+        self.expected = tuple(sorted(set(expected)))
+        self.text = text
+        self.reason = message
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = f" at line {self.line}, column {self.column}" if self.line is not None else ""
+        parts = [f"{self.reason}{where}"]
+        if self.context:
+            parts.append(self.context.rstrip("\n"))
+        if self.expected:
+            parts.append("expected one of: " + ", ".join(self.expected))
+        return "\n".join(parts)
+
+
+class RuleSyntaxError(ParseError):
+    """A malformed rule expression (for example `worker:update:` or `a:b:1 AND`)."""
+
+
+class SpecSyntaxError(ParseError):
+    """A session spec file or string that does not parse."""
+
+
+class SpecError(Error, ValueError):
+    """A spec that parses but does not compile: unknown or unreachable state, duplicate name, ..."""
+
+    def __init__(self, message: str, *, line: int | None = None, column: int | None = None) -> None:
+        self.line = line
+        self.column = column
+        self.reason = message
+        where = f" (line {line}, column {column})" if line is not None else ""
+        super().__init__(f"{message}{where}")
+
+
+class UnknownRuleName(Error, KeyError):
+    """A handler key names a rule that no loaded spec defines."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class SessionError(Error):
+    """Something is wrong with a session."""
+
+
+class UnknownSessionType(SessionError, KeyError):
+    """No session type of that name is loaded."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownSession(SessionError, KeyError):
+    """No session with that id is tracked."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class IllegalTransition(SessionError):
+    """An event the session's current state does not accept."""
+
+    def __init__(self, session_id: str, session_type: str, state: str, event: str) -> None:
+        self.session_id = session_id
+        self.session_type = session_type
+        self.state = state
+        self.event = event
+        super().__init__(
+            f"session {session_id} ({session_type}) in state {state!r} does not accept event {event!r}"
+        )
+
+
+class ProxyClosed(Error):
+    """The proxy was closed (by us) and can no longer be used."""
+
+
+class RegistryError(Error):
+    """The registry (Redis or embedded) could not be reached, or holds something unusable."""
+
+
+class JoinTimeout(RegistryError, TimeoutError):
+    """The expected peers did not all register before the join deadline."""
+
+    def __init__(self, message: str, missing: dict[str, int] | None = None) -> None:
+        self.missing = dict(missing or {})
+        super().__init__(message)
+
+
+class TransportError(Error):
+    """The network or a peer failed us."""
+
+
+class Timeout(TransportError, TimeoutError):
+    """A blocking call ran out of time; `.missing` names what did not arrive (session ids or peers)."""
+
+    def __init__(self, message: str, missing: Iterable[str] = ()) -> None:
+        self.missing = tuple(missing)
+        super().__init__(message)
+
+
+class PeerUnreachable(TransportError):
+    """There is no live connection to that peer (never joined, or not reconnected yet)."""
+
+    def __init__(self, peer: str, message: str | None = None) -> None:
+        self.peer = peer
+        super().__init__(message or f"peer {peer!r} is unreachable")
+
+
+class PeerGone(TransportError):
+    """The peer died or left while we were waiting on it."""
+
+    def __init__(self, peer: str, message: str | None = None, session_ids: Iterable[str] = ()) -> None:
+        self.peer = peer
+        self.session_ids = tuple(session_ids)
+        super().__init__(message or f"peer {peer!r} is gone")
+
+
+class DeliveryRefused(TransportError):
+    """A message for a gone peer could not be held (the hold bound was hit) and was not sent."""
+
+    def __init__(self, peer: str, message: str | None = None) -> None:
+        self.peer = peer
+        super().__init__(message or f"message for gone peer {peer!r} was refused: hold bound reached")
