@@ -109,7 +109,13 @@ class SessionMessage(Message):
         message_id: str | None = None,
         event: str | None = None,
     ) -> None:
-        Message.__init__(self, tag, source, destination, payload, session_id, message_id)
+        # Message.__init__'s body, inlined: building a SessionMessage is on the per-message path.
+        self.tag = tag
+        self.source = source
+        self.destination = destination
+        self.payload = payload
+        self.session_id = session_id if session_id is not None else new_id()
+        self.message_id = message_id if message_id is not None else new_id()
         self.session_type = session_type
         self.session_stage = session_stage if session_stage is not None else _initial_stage(session_type)
         self.event = event
@@ -147,10 +153,12 @@ _BUILTIN_INITIAL = {"task": "request", "notification": "request"}
 
 
 def _initial_stage(session_type: SessionType | str) -> str | None:
-    name = session_type.value if isinstance(session_type, SessionType) else str(session_type)
-    initial = _BUILTIN_INITIAL.get(name)
+    # SessionType is a str Enum, so its members hash and compare like their values: one dict lookup serves
+    # both spellings (reading `.value` first would cost more than the rest of building the message).
+    initial = _BUILTIN_INITIAL.get(session_type)
     if initial is not None:
         return initial
+    name = session_type.value if isinstance(session_type, SessionType) else str(session_type)
     # A user-defined type: ask the catalog of loaded session types, imported late to keep this cheap.
     from ._sessions import catalog
 

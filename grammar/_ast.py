@@ -76,6 +76,9 @@ class SessionDef:
     column: int | None = field(default=None, compare=False)
     # Where each state name was declared, for compile errors: {state: (line, column)}.
     state_positions: tuple[tuple[str, int, int], ...] = field(default=(), compare=False)
+    # Where the `initial` state and each `final` state were named, in the same shapes.
+    initial_position: tuple[int, int] | None = field(default=None, compare=False)
+    final_positions: tuple[tuple[str, int, int], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)

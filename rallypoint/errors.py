@@ -18,7 +18,12 @@
         ├── Timeout(TimeoutError)      a blocking call ran out of time; .missing
         ├── PeerUnreachable            no live connection to that peer; .peer
         ├── PeerGone                   the peer died or left while we waited on it; .peer
-        └── DeliveryRefused            a message could not be held for a gone peer (bound hit); .peer
+        ├── DeliveryRefused            a message could not be held for a gone peer (bound hit); .peer
+        └── FrameError                 received frames that were dropped (counted and logged, never fatal)
+            ├── MalformedFrame         garbage: frame count, header, version, codec or payload won't decode
+            ├── ForgedFrame            the MAC does not match (wrong key, or altered in transit)
+            ├── OversizedFrame         more than max_message_bytes, refused before hashing
+            └── ReplayedFrame          a (source, incarnation, seq) already seen
 
 This module is a leaf: it imports nothing from rallypoint, so every layer can use it.
 """
@@ -31,13 +36,18 @@ __all__ = [
     "ConfigError",
     "DeliveryRefused",
     "Error",
+    "ForgedFrame",
+    "FrameError",
     "IllegalTransition",
     "JoinTimeout",
+    "MalformedFrame",
+    "OversizedFrame",
     "ParseError",
     "PeerGone",
     "PeerUnreachable",
     "ProxyClosed",
     "RegistryError",
+    "ReplayedFrame",
     "RuleSyntaxError",
     "SessionError",
     "SpecError",
@@ -197,3 +207,23 @@ class DeliveryRefused(TransportError):
     def __init__(self, peer: str, message: str | None = None) -> None:
         self.peer = peer
         super().__init__(message or f"message for gone peer {peer!r} was refused: hold bound reached")
+
+
+class FrameError(TransportError):
+    """Received frames that cannot be accepted; the receiver drops, counts and logs them and goes on."""
+
+
+class MalformedFrame(FrameError):
+    """Garbage: wrong frame count, undecodable header, unknown version or codec, or a payload that won't decode."""
+
+
+class ForgedFrame(FrameError):
+    """The MAC does not match: not signed with the group key, or altered in transit."""
+
+
+class OversizedFrame(FrameError):
+    """The frames add up to more than `max_message_bytes`; refused from their lengths, before hashing."""
+
+
+class ReplayedFrame(FrameError):
+    """A frame whose sequence number was already seen for its (source, incarnation)."""

@@ -1,0 +1,320 @@
+"""SessionTracker, load_spec sources, the catalog, and a user-defined session type used by SessionMessage."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from rallypoint.engine import (
+    CompiledSessionType,
+    SessionCatalog,
+    SessionMessage,
+    SessionTracker,
+    SessionType,
+    builtin_spec_names,
+    catalog,
+    load_spec,
+)
+from rallypoint.errors import (
+    ConfigError,
+    IllegalTransition,
+    SpecSyntaxError,
+    UnknownSession,
+    UnknownSessionType,
+)
+
+# -- tracker -------------------------------------------------------------------------------------------------
+
+
+def test_start_fire_and_stage() -> None:
+    tracker = SessionTracker()
+    session = tracker.start("s1", SessionType.TASK, peer="worker_1")
+    assert tracker.stage("s1") == "request" and tracker.get("s1") is session
+    assert tracker.fire("s1", "received") == "receive"
+    assert (tracker.live, tracker.finished) == (1, 0)
+    assert tracker.fire("s1", "completed") == "complete"
+    assert (tracker.live, tracker.finished) == (0, 1)
+    assert tracker.stage("s1") == "complete"  # still answerable after it finished
+    assert "s1" in tracker and len(tracker) == 0
+
+
+def test_session_types_by_enum_name_or_compiled() -> None:
+    tracker = SessionTracker()
+    task = catalog.require("task")
+    assert tracker.start("a", SessionType.NOTIFICATION).type.name == "notification"
+    assert tracker.start("b", "notification").type is catalog.require(SessionType.NOTIFICATION)
+    assert tracker.start("c", task).type is task
+    with pytest.raises(UnknownSessionType, match=r"'nope'.*notification, task"):
+        tracker.start("d", "nope")
+
+
+def test_a_duplicate_start_returns_the_existing_session() -> None:
+    tracker = SessionTracker()
+    first = tracker.start("s", SessionType.TASK, peer="w1")
+    tracker.fire("s", "received")
+    again = tracker.start("s", SessionType.TASK, peer="w2")
+    assert again is first and again.state == "receive" and again.peer == "w1"
+    tracker.fire("s", "completed")
+    assert tracker.start("s", SessionType.TASK) is first  # finished and remembered: not restarted
+    assert tracker.live == 0
+
+
+def test_illegal_and_unknown() -> None:
+    tracker = SessionTracker()
+    tracker.start("s", SessionType.NOTIFICATION)
+    with pytest.raises(IllegalTransition) as info:
+        tracker.fire("s", "completed")
+    assert (info.value.session_id, info.value.state, info.value.event) == ("s", "request", "completed")
+    assert tracker.stage("s") == "request"
+    tracker.fire("s", "received")
+    with pytest.raises(IllegalTransition, match="'receive'"):  # finished: accepts nothing
+        tracker.fire("s", "timeout")
+    with pytest.raises(UnknownSession):
+        tracker.fire("nobody", "received")
+    with pytest.raises(UnknownSession):
+        tracker.stage("nobody")
+    assert isinstance(UnknownSession("x"), KeyError)
+
+
+def test_try_fire_never_raises() -> None:
+    tracker = SessionTracker()
+    tracker.start("s", SessionType.TASK)
+    assert tracker.try_fire("nobody", "received") is False
+    assert tracker.try_fire("s", "bogus") is False
+    assert tracker.try_fire("s", "received") is True
+    assert tracker.try_fire("s", "completed") is True
+    assert tracker.try_fire("s", "completed") is False  # finished
+    assert tracker.stage("s") == "complete"
+
+
+def test_finished_sessions_live_in_a_bounded_lru() -> None:
+    tracker = SessionTracker(max_finished=2)
+    for sid in ("a", "b", "c"):
+        tracker.start(sid, SessionType.NOTIFICATION)
+    tracker.fire("a", "received")
+    tracker.fire("b", "timeout")
+    assert tracker.stage("a") == "receive"  # touching "a" makes "b" the least recently used
+    tracker.fire("c", "peer_lost")
+    assert tracker.finished == 2
+    assert tracker.stage("a") == "receive" and tracker.stage("c") == "failed"
+    with pytest.raises(UnknownSession):
+        tracker.stage("b")  # forgotten
+
+
+def test_max_finished_zero_forgets_at_once_and_negative_is_refused() -> None:
+    tracker = SessionTracker(max_finished=0)
+    tracker.start("a", SessionType.NOTIFICATION)
+    tracker.fire("a", "received")
+    assert "a" not in tracker
+    with pytest.raises(ConfigError):
+        SessionTracker(max_finished=-1)
+
+
+def test_peer_failure_moves_pending_sessions_with_that_peer() -> None:
+    tracker = SessionTracker()
+    tracker.start("t1", SessionType.TASK, peer="worker_1")
+    tracker.start("t2", SessionType.TASK, peer="worker_1")
+    tracker.start("t3", SessionType.TASK, peer="worker_2")
+    tracker.start("n1", SessionType.NOTIFICATION, peer="worker_1")
+    tracker.start("t4", SessionType.TASK, peer="worker_1")
+    tracker.fire("t2", "received")
+    tracker.fire("t4", "completed")  # finished: not pending
+    assert {s.id for s in tracker.pending_with("worker_1")} == {"t1", "t2", "n1"}
+    moved = tracker.fail_peer("worker_1")
+    assert {s.id for s in moved} == {"t1", "t2", "n1"}
+    assert {tracker.stage(sid) for sid in ("t1", "t2", "n1")} == {"failed"}
+    assert tracker.stage("t3") == "request" and tracker.stage("t4") == "complete"
+    assert tracker.pending_with("worker_1") == [] and tracker.fail_peer("worker_1") == []
+
+
+def test_fail_peer_skips_sessions_that_do_not_accept_the_event() -> None:
+    spec = load_spec(
+        "session sticky {\n  states waiting, done\n  initial waiting\n  final done\n"
+        "  waiting -> done on ok\n}\n",
+        register=False,
+    )
+    tracker = SessionTracker()
+    tracker.start("s", spec.session("sticky"), peer="p")
+    assert tracker.fail_peer("p") == []
+    assert tracker.stage("s") == "waiting"
+
+
+def test_expire_fires_timeout_on_the_given_live_sessions() -> None:
+    tracker = SessionTracker()
+    for sid in ("a", "b", "c"):
+        tracker.start(sid, SessionType.TASK)
+    tracker.fire("c", "completed")
+    moved = tracker.expire(["a", "c", "unknown"])
+    assert [s.id for s in moved] == ["a"]
+    assert [tracker.stage(s) for s in "abc"] == ["expired", "request", "complete"]
+    assert tracker.expire((sid for sid in ["b"]), event="peer_lost")[0].state == "failed"
+
+
+def test_discard() -> None:
+    tracker = SessionTracker()
+    tracker.start("a", SessionType.TASK)
+    tracker.discard("a")
+    tracker.discard("never")
+    assert "a" not in tracker and tracker.live == 0
+
+
+def test_start_in_a_final_stage_goes_straight_to_finished() -> None:
+    tracker = SessionTracker()
+    tracker.start("a", SessionType.TASK, stage="complete")
+    assert (tracker.live, tracker.finished, tracker.stage("a")) == (0, 1, "complete")
+
+
+# -- a user-defined type: two-phase commit, from a file ------------------------------------------------------
+
+TWO_PHASE = """\
+# Two-phase commit as seen by the coordinator.
+session two_phase {
+    states preparing, prepared, committed, aborted, failed
+    initial preparing
+    final committed, aborted, failed
+    preparing -> prepared on vote_yes
+    preparing -> aborted on vote_no
+    prepared -> committed on commit
+    prepared -> aborted on abort
+    preparing, prepared -> failed on peer_lost
+}
+rule all_voted = participant:vote:100%
+"""
+
+
+def test_two_phase_commit_from_a_file_used_by_session_message(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "two_phase.spec"
+    path.write_text(TWO_PHASE)
+    spec = load_spec(path)  # registers "two_phase" (and the rule) in the catalog
+    assert spec.origin == str(path)
+    assert catalog.get("two_phase") is spec.session("two_phase")
+    assert catalog.rules["all_voted"] == spec.rules["all_voted"]
+
+    message = SessionMessage(tag="prepare", source="coordinator", destination="participant_1",
+                             payload={"tx": 7}, session_type="two_phase")
+    assert message.session_stage == "preparing"  # the initial stage, from the catalog
+
+    tracker = SessionTracker()
+    tracker.start(message.session_id, message.session_type, peer=message.destination,
+                  stage=message.session_stage)
+    assert tracker.fire(message.session_id, "vote_yes") == "prepared"
+    assert tracker.fire(message.session_id, "commit") == "committed"
+    with pytest.raises(IllegalTransition):
+        tracker.fire(message.session_id, "abort")
+
+    assert load_spec(str(path)).session("two_phase") == spec.session("two_phase")  # equal: fine again
+
+
+def test_unknown_user_type_gives_no_stage_but_the_tracker_refuses_it() -> None:
+    message = SessionMessage(tag="x", source="a", destination="b", session_type="never_loaded_type")
+    assert message.session_stage is None
+    with pytest.raises(UnknownSessionType):
+        SessionTracker().start(message.session_id, message.session_type)
+
+
+# -- load_spec sources ---------------------------------------------------------------------------------------
+
+
+def test_load_spec_by_builtin_name_path_string_pathlike_and_text(tmp_path: pathlib.Path) -> None:
+    assert {"notification", "task"} <= set(builtin_spec_names())
+    by_name = load_spec("task", register=False)
+    assert by_name.origin == "<builtin task>" and list(by_name.session_types) == ["task"]
+    path = tmp_path / "copy.spec"
+    path.write_text(TWO_PHASE.replace("two_phase", "two_phase_copy").replace("all_voted", "all_voted_copy"))
+    assert list(load_spec(str(path), register=False).session_types) == ["two_phase_copy"]
+    assert list(load_spec(path, register=False).session_types) == ["two_phase_copy"]
+    assert load_spec("rule one_liner = a:b:1", register=False).rules == {
+        "one_liner": load_spec("rule x = a:b:1", register=False).rules["x"]
+    }
+    text = load_spec("session s { states a\n initial a\n}", register=False)
+    assert text.origin == "<string>" and text.session("s").initial == "a"
+
+
+def test_load_spec_says_what_it_tried() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_spec("no_such_spec")
+    message = str(info.value)
+    assert "not spec text" in message and "not an existing file" in message and "task" in message
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_spec(pathlib.Path("/nonexistent/x.spec"))
+    with pytest.raises(ConfigError):
+        load_spec(42)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        load_spec("../../etc/passwd-ish")  # not a file, not a valid built-in name
+
+
+def test_syntax_errors_come_from_the_grammar() -> None:
+    with pytest.raises(SpecSyntaxError):
+        load_spec("session broken {\n  states a\n", register=False)
+
+
+def test_spec_session_unknown_name() -> None:
+    with pytest.raises(UnknownSessionType, match="defines: task"):
+        load_spec("task", register=False).session("tsak")
+
+
+# -- the catalog ---------------------------------------------------------------------------------------------
+
+
+def test_catalog_loads_builtins_lazily_and_maps_session_type_enum() -> None:
+    fresh = SessionCatalog()
+    assert fresh._builtins_loaded is False
+    task = fresh.require(SessionType.TASK)
+    assert fresh._builtins_loaded is True
+    assert task.initial == "request" and fresh.get("notification") is not None
+    assert fresh.names() == ["notification", "task"]
+    assert "task" in fresh and "nope" not in fresh and fresh.get("nope") is None
+
+
+def test_catalog_registration_policy() -> None:
+    fresh = SessionCatalog()
+    other_task = load_spec(
+        "session task {\n states a, b\n initial a\n final b\n a -> b on go\n}\n", register=False
+    ).session("task")
+    fresh.register(load_spec("task", register=False).session("task"))  # equal to the built-in: fine
+    with pytest.raises(ConfigError, match="different session type named 'task'"):
+        fresh.register(other_task)
+    fresh.register(other_task, replace=True)
+    assert fresh.require("task") is other_task
+
+    fresh.register_rule("r", load_spec("rule r = a:b:1", register=False).rules["r"])
+    with pytest.raises(ConfigError, match="different rule named 'r'"):
+        fresh.register_rule("r", load_spec("rule r = a:b:2", register=False).rules["r"])
+
+
+def test_add_spec_is_all_or_nothing() -> None:
+    fresh = SessionCatalog(builtins=())
+    fresh.add_spec(load_spec("rule r = a:b:1", register=False))
+    clash = load_spec("session new_one {\n states a\n initial a\n}\nrule r = a:b:9\n", register=False)
+    with pytest.raises(ConfigError):
+        fresh.add_spec(clash)
+    assert fresh.get("new_one") is None
+
+
+def test_require_lists_known_names() -> None:
+    with pytest.raises(UnknownSessionType, match="known: .*notification.*task"):
+        SessionCatalog().require("tsak")
+
+
+def test_compiled_type_is_hashable_and_reprs() -> None:
+    task = catalog.require("task")
+    assert isinstance(task, CompiledSessionType)
+    assert {task: 1}[task] == 1
+    assert "CompiledSessionType('task'" in repr(task)
+
+
+def test_load_spec_accepts_a_hand_built_ast() -> None:
+    from rallypoint.grammar import RuleDef, SessionDef, SpecFile, TransitionDef, Unit
+
+    ast = SpecFile(
+        sessions=(
+            SessionDef("ping", ("sent", "done"), "sent", ("done",),
+                       (TransitionDef(("sent",), "done", "pong"),)),
+        ),
+        rules=(RuleDef("pongs", Unit("*", "pong", 1)),),
+        origin="<hand-built>",
+    )
+    spec = load_spec(ast, register=False)
+    assert spec.origin == "<hand-built>" and spec.rules == {"pongs": Unit("*", "pong", 1)}
+    assert spec.session("ping").start("x").trigger("pong") == "done"
