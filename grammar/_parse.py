@@ -15,10 +15,16 @@ no Lark exception escapes.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
+import pickle
 import reprlib
+from importlib import resources
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
+import lark
 from lark import Lark, Token, Transformer_NonRecursive
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 from lark.lark import PostLex
@@ -96,9 +102,14 @@ class _Layout(PostLex):
             yield token
 
 
-def _open(grammar: str, *, newlines: bool) -> Lark:
+_PACKAGE = __package__ or "rallypoint.grammar"
+# spec.lark %imports rules.lark, so both texts go into the spec parser's fingerprint.
+_SOURCES = {"rules.lark": ("rules.lark",), "spec.lark": ("spec.lark", "rules.lark")}
+
+
+def _build(grammar: str, *, newlines: bool) -> Lark:
     return Lark.open_from_package(
-        __package__ or "rallypoint.grammar",
+        _PACKAGE,
         grammar,
         parser="lalr",
         lexer="contextual",
@@ -107,8 +118,64 @@ def _open(grammar: str, *, newlines: bool) -> Lark:
     )
 
 
-_RULE_PARSER = _open("rules.lark", newlines=False)
-_SPEC_PARSER = _open("spec.lark", newlines=True)
+def _fingerprint(grammar: str) -> str:
+    """What a saved parser was built from: the grammar texts and the Lark version."""
+    digest = hashlib.sha256(lark.__version__.encode())
+    for name in _SOURCES[grammar]:
+        digest.update(resources.files(_PACKAGE).joinpath(name).read_bytes())
+    return digest.hexdigest()
+
+
+def _cache_name(grammar: str) -> str:
+    return grammar + ".parser"
+
+
+def _open(grammar: str, *, newlines: bool) -> Lark:
+    """The LALR parser for `grammar`, from its shipped pre-built tables when they match the grammar.
+
+    Building the LALR tables costs ~100 ms per grammar here, paid by every process at its first rule or
+    spec; loading the saved tables costs ~3 ms. The saved file (written by `save_parser_caches()`, which
+    a test keeps current) carries a fingerprint of the grammar texts and the Lark version: when it does
+    not match, or is missing, the parser is built from the grammar as usual. Nothing is written at
+    run time.
+    """
+    try:
+        blob = resources.files(_PACKAGE).joinpath(_cache_name(grammar)).read_bytes()
+        fingerprint, _, tables = blob.partition(b"\n")
+        if fingerprint.decode() == _fingerprint(grammar):
+            # Our own package data, never bytes from the network: unpickling it is as safe as importing.
+            # `Lark.load` cannot take the postlexer (it is code, not data); `_load` is what Lark's own
+            # `cache=` option calls with it. Should a Lark release change that, we fall back to building.
+            parser: Lark = Lark.__new__(Lark)
+            return parser._load(io.BytesIO(tables), postlex=_Layout(newlines))
+    except (OSError, ValueError, TypeError, LarkError, pickle.UnpicklingError, EOFError, AttributeError,
+            KeyError):
+        pass
+    return _build(grammar, newlines=newlines)
+
+
+def save_parser_caches() -> list[str]:
+    """Rebuild the shipped parser tables next to the grammars (a development step); returns the paths."""
+    written = []
+    for grammar, newlines in (("rules.lark", False), ("spec.lark", True)):
+        buffer = io.BytesIO()
+        _build(grammar, newlines=newlines).save(buffer)
+        path = resources.files(_PACKAGE).joinpath(_cache_name(grammar))
+        with resources.as_file(path) as target:
+            target.write_bytes(_fingerprint(grammar).encode() + b"\n" + buffer.getvalue())
+            written.append(str(target))
+    return written
+
+
+# Built (or loaded) once, on first use, so that importing rallypoint costs nothing here.
+@functools.cache
+def _rule_parser() -> Lark:
+    return _open("rules.lark", newlines=False)
+
+
+@functools.cache
+def _spec_parser() -> Lark:
+    return _open("spec.lark", newlines=True)
 
 
 def _amount(token: Token) -> tuple[int, bool]:
@@ -263,7 +330,7 @@ def _expected(parser: Lark, text: str, pos: int, exc: UnexpectedToken | Unexpect
         names = set(replay.accepts())  # type: ignore[no-untyped-call]
     except (LarkError, _Problem):  # cannot replay: settle for what Lark said
         names = set(exc.allowed if isinstance(exc, UnexpectedCharacters) else exc.expected or ())
-    return [_WORDS.get(t.lstrip("_"), t.lstrip("_").lower()) for t in names if t not in parser.ignore_tokens]
+    return [_WORDS.get(t.lstrip("_"), t.lstrip("_").lower()) for t in names if t not in parser.lexer_conf.ignore]
 
 
 def _raise(
@@ -324,10 +391,10 @@ def parse_rule(text: str) -> Expr:
     if not isinstance(text, str):
         raise RuleSyntaxError(f"a rule expression must be a string, got {_show(text)}")
     try:
-        tree = _RULE_PARSER.parse(text)
+        tree = _rule_parser().parse(text)
         expr: Expr = _ToExpr().transform(tree)
     except (LarkError, _Problem, RecursionError) as exc:
-        _raise(RuleSyntaxError, exc, text, None, _RULE_PARSER)
+        _raise(RuleSyntaxError, exc, text, None, _rule_parser())
     return expr
 
 
@@ -414,8 +481,16 @@ def parse_spec(text: str, origin: str = "<string>") -> SpecFile:
     if not isinstance(text, str):
         raise SpecSyntaxError(f"{origin}: a spec must be a string, got {type(text).__name__}")
     try:
-        tree = _SPEC_PARSER.parse(text)
+        tree = _spec_parser().parse(text)
         spec: SpecFile = _ToSpec(origin).transform(tree)
     except (LarkError, _Problem, RecursionError) as exc:
-        _raise(SpecSyntaxError, exc, text, origin, _SPEC_PARSER)
+        _raise(SpecSyntaxError, exc, text, origin, _spec_parser())
     return spec
+
+
+if __name__ == "__main__":
+    # Through the package, not this __main__ copy: the saved tables refer to our classes by module name.
+    from rallypoint.grammar._parse import save_parser_caches as _save
+
+    for written in _save():
+        print(f"wrote {written}")

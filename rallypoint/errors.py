@@ -214,7 +214,7 @@ class FrameError(TransportError):
 
 
 class MalformedFrame(FrameError):
-    """Garbage: wrong frame count, undecodable header, unknown version or codec, or a payload that won't decode."""
+    """Garbage: bad frame count, undecodable header, unknown version or codec, or an undecodable payload."""
 
 
 class ForgedFrame(FrameError):

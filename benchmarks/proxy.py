@@ -1,0 +1,494 @@
+"""Proxy benchmarks: every figure against raw pyzmq measured in the same run (medians of paired rounds).
+
+    python benchmarks/proxy.py [--rounds 5] [--quick]
+
+Prints, for each scenario, raw pyzmq's figure, rallypoint's, their ratio and the issue's target:
+  1. one-way throughput: isend of new SessionMessages vs raw PUSH/PULL of pickled small dicts (>= 0.5x)
+  2. send() + reply round trip vs a raw pickled DEALER/ROUTER round trip (<= 1.15x)
+  3. broadcast to 4 workers + all replies vs raw PUB/SUB + gathering 4 replies (<= 1.5x)
+  4. a 64 MB numpy array (plus a small ack) vs raw zero-copy PUSH/PULL (>= 0.8x), and raw pickled
+  5. master + 4 workers joined and ready, after the last process starts (<= 0.5 s)
+  6. signing cost in the codec: small message and 64 MB array, signed vs unsigned (<= 10%)
+Nothing here asserts on time: these machines are noisy, so read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import zmq
+
+SMALL = {"step": 1, "loss": 0.25, "name": "worker_001"}
+CTX = mp.get_context("fork")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- registry for the rallypoint side
+
+class Registry:
+    """A redis-server on a free port if installed, else the embedded registry."""
+
+    def __init__(self) -> None:
+        self.proc = None
+        self.server = None
+        if shutil.which("redis-server"):
+            port = free_port()
+            self.proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                          "--appendonly", "no"], stdout=subprocess.DEVNULL)
+            self.url = f"redis://127.0.0.1:{port}"
+            import redis
+
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    redis.Redis.from_url(self.url).ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+        else:
+            from rallypoint.proxy import EmbeddedRegistryServer
+
+            self.server = EmbeddedRegistryServer()
+            self.url = self.server.start()
+
+    def close(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+        if self.server:
+            self.server.stop()
+
+
+def _proxy(url: str, group: str, kind: str, name: str, expect: dict):
+    from rallypoint import Proxy, Timeouts
+
+    return Proxy(group_name=group, component_type=kind, name=name, registry=url, expected_peers=expect,
+                 timeouts=Timeouts(join=30, reply=60))
+
+
+# ---------------------------------------------------------------- 1. one-way throughput
+
+def _raw_sink(port: int, n: int, out) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    s.bind(f"tcp://127.0.0.1:{port}")
+    out.put("ready")
+    pickle.loads(s.recv())
+    t = time.perf_counter()
+    for _ in range(n - 1):
+        pickle.loads(s.recv())
+    out.put(time.perf_counter() - t)
+    s.close(0)
+    ctx.term()
+
+
+def raw_throughput(n: int) -> float:
+    port, out = free_port(), CTX.Queue()
+    p = CTX.Process(target=_raw_sink, args=(port, n, out))
+    p.start()
+    out.get()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.sndhwm = 0
+    s.connect(f"tcp://127.0.0.1:{port}")
+    for i in range(n):
+        s.send(pickle.dumps({**SMALL, "step": i}, protocol=5))
+    elapsed = out.get()
+    p.join()
+    s.close(0)
+    ctx.term()
+    return (n - 1) / elapsed
+
+
+def _rp_sink(url: str, group: str, n: int, out) -> None:
+    with _proxy(url, group, "worker", "worker_001", {"master": 1}) as proxy:
+        out.put("ready")
+        proxy.receive_once(timeout=60)
+        t = time.perf_counter()
+        for _ in range(n - 1):
+            proxy.receive_once(timeout=60)
+        out.put(time.perf_counter() - t)
+        proxy.receive_once(timeout=60)  # master's "done": keeps us registered until the master has finished
+
+
+def rp_throughput(url: str, n: int) -> float:
+    from rallypoint import SessionMessage, SessionType
+
+    group, out = f"bench-{uuid.uuid4().hex[:6]}", CTX.Queue()
+    p = CTX.Process(target=_rp_sink, args=(url, group, n, out))
+    p.start()
+    with _proxy(url, group, "master", "master", {"worker": 1}) as proxy:
+        out.get()
+        for i in range(n):
+            proxy.isend(SessionMessage(tag="update", source="master", destination="worker_001",
+                                       payload={**SMALL, "step": i}, session_type=SessionType.NOTIFICATION))
+        elapsed = out.get()
+        proxy.isend(SessionMessage(tag="done", source="master", destination="worker_001",
+                                   session_type=SessionType.NOTIFICATION))
+        p.join()
+    return (n - 1) / elapsed
+
+
+# ---------------------------------------------------------------- 2. round trip
+
+def _raw_echo(port: int, n: int, out) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(f"tcp://127.0.0.1:{port}")
+    out.put("ready")
+    for _ in range(n):
+        ident, body = s.recv_multipart()
+        s.send_multipart([ident, pickle.dumps(pickle.loads(body), protocol=5)])
+    s.close(0)
+    ctx.term()
+
+
+def raw_round_trip(n: int) -> float:
+    port, out = free_port(), CTX.Queue()
+    p = CTX.Process(target=_raw_echo, args=(port, n, out))
+    p.start()
+    out.get()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    s.send(pickle.dumps(SMALL))
+    pickle.loads(s.recv())
+    t = time.perf_counter()
+    for _ in range(n - 1):
+        s.send(pickle.dumps(SMALL, protocol=5))
+        pickle.loads(s.recv())
+    elapsed = time.perf_counter() - t
+    p.join()
+    s.close(0)
+    ctx.term()
+    return elapsed / (n - 1)
+
+
+def _rp_echo(url: str, group: str, name: str, n: int, out) -> None:
+    with _proxy(url, group, "worker", name, {"master": 1}) as proxy:
+        out.put("ready")
+        for _ in range(n):
+            message = proxy.receive_once(timeout=60)
+            proxy.reply(message, payload=message.payload)
+        proxy.receive_once(timeout=60)  # master's "done"
+
+
+def rp_round_trip(url: str, n: int) -> float:
+    from rallypoint import SessionMessage, SessionType
+
+    group, out = f"bench-{uuid.uuid4().hex[:6]}", CTX.Queue()
+    p = CTX.Process(target=_rp_echo, args=(url, group, "worker_001", n, out))
+    p.start()
+    with _proxy(url, group, "master", "master", {"worker": 1}) as proxy:
+        out.get()
+        proxy.send(SessionMessage(tag="q", source="master", destination="worker_001", payload=SMALL))
+        t = time.perf_counter()
+        for _ in range(n - 1):
+            proxy.send(SessionMessage(tag="q", source="master", destination="worker_001", payload=SMALL))
+        elapsed = time.perf_counter() - t
+        proxy.isend(SessionMessage(tag="done", source="master", destination="worker_001",
+                                   session_type=SessionType.NOTIFICATION))
+        p.join()
+    return elapsed / (n - 1)
+
+
+# ---------------------------------------------------------------- 3. broadcast to 4 + gather
+
+def _raw_sub(pub_port: int, pull_port: int, n: int, out) -> None:
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.subscribe(b"")
+    sub.connect(f"tcp://127.0.0.1:{pub_port}")
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{pull_port}")
+    while True:  # warm-up: answer pings until the publisher says go (slow-joiner handshake, no sleep)
+        body = pickle.loads(sub.recv())
+        push.send(pickle.dumps(body))
+        if body == "go":
+            break
+    for _ in range(n):
+        push.send(pickle.dumps(pickle.loads(sub.recv()), protocol=5))
+    sub.close(0)
+    push.close(0)
+    ctx.term()
+
+
+def raw_broadcast(n: int, workers: int = 4) -> float:
+    pub_port, pull_port = free_port(), free_port()
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(f"tcp://127.0.0.1:{pub_port}")
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(f"tcp://127.0.0.1:{pull_port}")
+    procs = [CTX.Process(target=_raw_sub, args=(pub_port, pull_port, n, None)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    # Ping until every subscriber answered one ping, then "go": after that nothing is dropped.
+    seen = 0
+    while seen < workers:
+        pub.send(pickle.dumps("ping"))
+        while pull.poll(20):
+            if pickle.loads(pull.recv()) == "ping":
+                seen += 1
+        if seen >= workers:
+            break
+    pub.send(pickle.dumps("go"))
+    gos = 0
+    while gos < workers:
+        if pickle.loads(pull.recv()) == "go":
+            gos += 1
+    t = time.perf_counter()
+    for _ in range(n):
+        pub.send(pickle.dumps(SMALL, protocol=5))
+        for _ in range(workers):
+            pickle.loads(pull.recv())
+    elapsed = time.perf_counter() - t
+    for p in procs:
+        p.join()
+    pub.close(0)
+    pull.close(0)
+    ctx.term()
+    return elapsed / n
+
+
+def rp_broadcast(url: str, n: int, workers: int = 4) -> float:
+    from rallypoint import SessionMessage, SessionType
+
+    group, out = f"bench-{uuid.uuid4().hex[:6]}", CTX.Queue()
+    procs = [CTX.Process(target=_rp_echo, args=(url, group, f"worker_{i:03d}", n + 1, out)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    with _proxy(url, group, "master", "master", {"worker": workers}) as proxy:
+        for _ in procs:
+            out.get()
+        proxy.broadcast("worker", "q", SessionType.TASK, payload=SMALL)
+        t = time.perf_counter()
+        for _ in range(n):
+            proxy.broadcast("worker", "q", SessionType.TASK, payload=SMALL)
+        elapsed = time.perf_counter() - t
+        for i in range(workers):
+            proxy.isend(SessionMessage(tag="done", source="master", destination=f"worker_{i:03d}",
+                                       session_type=SessionType.NOTIFICATION))
+        for p in procs:
+            p.join()
+    return elapsed / n
+
+
+# ---------------------------------------------------------------- 4. 64 MB array
+
+def _raw_big_sink(port: int, ack_port: int, rounds: int, zero_copy: bool, out) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    s.bind(f"tcp://127.0.0.1:{port}")
+    ack = ctx.socket(zmq.PUSH)
+    ack.connect(f"tcp://127.0.0.1:{ack_port}")
+    out.put("ready")
+    for _ in range(rounds):
+        if zero_copy:
+            frame = s.recv(copy=False)
+            array = np.frombuffer(frame.buffer, dtype=np.float64)
+        else:
+            array = pickle.loads(s.recv())
+        ack.send(pickle.dumps(array.shape))
+    s.close(0)
+    ack.close(0)
+    ctx.term()
+
+
+def raw_big(array: np.ndarray, rounds: int, zero_copy: bool) -> float:
+    port, ack_port, out = free_port(), free_port(), CTX.Queue()
+    ctx = zmq.Context()
+    ack = ctx.socket(zmq.PULL)
+    ack.bind(f"tcp://127.0.0.1:{ack_port}")
+    p = CTX.Process(target=_raw_big_sink, args=(port, ack_port, rounds, zero_copy, out))
+    p.start()
+    out.get()
+    s = ctx.socket(zmq.PUSH)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        if zero_copy:
+            s.send(array, copy=False)
+        else:
+            s.send(pickle.dumps(array, protocol=4))
+        ack.recv()
+        times.append(time.perf_counter() - t)
+    p.join()
+    s.close(0)
+    ack.close(0)
+    ctx.term()
+    return array.nbytes / 1e6 / statistics.median(times)
+
+
+def _rp_big_sink(url: str, group: str, rounds: int, out) -> None:
+    with _proxy(url, group, "worker", "worker_001", {"master": 1}) as proxy:
+        out.put("ready")
+        for _ in range(rounds):
+            message = proxy.receive_once(timeout=60)
+            proxy.reply(message, payload=message.payload.shape)
+        proxy.receive_once(timeout=60)
+
+
+def rp_big(url: str, array: np.ndarray, rounds: int) -> float:
+    from rallypoint import Message, SessionMessage, SessionType
+
+    group, out = f"bench-{uuid.uuid4().hex[:6]}", CTX.Queue()
+    p = CTX.Process(target=_rp_big_sink, args=(url, group, rounds, out))
+    p.start()
+    times = []
+    with _proxy(url, group, "master", "master", {"worker": 1}) as proxy:
+        out.get()
+        for _ in range(rounds):
+            t = time.perf_counter()
+            proxy.send(Message(tag="big", source="master", destination="worker_001", payload=array))
+            times.append(time.perf_counter() - t)
+        proxy.isend(SessionMessage(tag="done", source="master", destination="worker_001",
+                                   session_type=SessionType.NOTIFICATION))
+        p.join()
+    return array.nbytes / 1e6 / statistics.median(times)
+
+
+# ---------------------------------------------------------------- 5. join time
+
+JOINER = """
+import sys, time
+t0 = time.time()
+from rallypoint import Proxy, Timeouts
+kind, name, expect, url, group = sys.argv[1:6]
+kind_e, count = expect.split(":")
+with Proxy(group_name=group, component_type=kind, name=name, registry=url,
+           expected_peers={kind_e: int(count)}, timeouts=Timeouts(join=30)) as p:
+    print(f"{t0} {time.time()}", flush=True)
+    sys.stdin.read()   # hold on until the benchmark has every line
+"""
+
+
+def join_time(url: str, workers: int = 4) -> tuple[float, float]:
+    """(seconds from the last process start to all ready, slowest join inside its constructor)."""
+    group = f"bench-{uuid.uuid4().hex[:6]}"
+    specs = [("master", "master", f"worker:{workers}")] + [
+        ("worker", f"worker_{i:03d}", "master:1") for i in range(workers)]
+    procs = []
+    for kind, name, expect in specs:
+        procs.append(subprocess.Popen([sys.executable, "-c", JOINER, kind, name, expect, url, group],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    last_start = time.time()
+    lines = [p.stdout.readline().split() for p in procs]
+    for p in procs:
+        p.stdin.close()
+        p.wait(30)
+    starts = [float(a) for a, _ in lines]
+    readies = [float(b) for _, b in lines]
+    return max(readies) - last_start, max(b - a for a, b in zip(starts, readies))
+
+
+# ---------------------------------------------------------------- 6. signing
+
+def signing_cost(array: np.ndarray) -> tuple[float, float, float, float]:
+    from rallypoint import SessionMessage
+    from rallypoint.proxy import WireCodec
+
+    signed, plain = WireCodec(os.urandom(32)), WireCodec(None)
+
+    def small(codec: WireCodec, n: int = 20000) -> float:
+        t = time.perf_counter()
+        for i in range(n):
+            m = SessionMessage(tag="update", source="worker_001", destination="master", payload=SMALL)
+            frames = [bytes(f) for f in codec.encode(m, incarnation="abc", seq=i + 1)]
+            codec.decode(frames)
+        return (time.perf_counter() - t) / n * 1e6
+
+    def big(codec: WireCodec) -> float:
+        m = SessionMessage(tag="big", source="worker_001", destination="master", payload=array)
+        t = time.perf_counter()
+        frames = codec.encode(m, incarnation="abc", seq=1)
+        codec.decode([memoryview(f) for f in frames])
+        return (time.perf_counter() - t) * 1e3
+
+    s_small = statistics.median(small(signed) for _ in range(3))
+    p_small = statistics.median(small(plain) for _ in range(3))
+    s_big = statistics.median(big(signed) for _ in range(3))
+    p_big = statistics.median(big(plain) for _ in range(3))
+    return s_small, p_small, s_big, p_big
+
+
+# ---------------------------------------------------------------- report
+
+def row(name: str, raw: float, ours: float, unit: str, ratio: float, target: str, ok: bool) -> None:
+    print(f"{name:<44} raw {raw:>12,.1f} {unit:<6} rallypoint {ours:>12,.1f} {unit:<6} "
+          f"ratio {ratio:5.2f}x  target {target:<8} {'PASS' if ok else 'MISS'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    args = parser.parse_args()
+    n_tp = 20_000 if args.quick else 100_000
+    n_rt = 500 if args.quick else 3000
+    n_bc = 200 if args.quick else 1000
+    big_rounds = 2 if args.quick else 5
+    array = np.random.default_rng(0).random(8 * 1024 * 1024)  # 64 MB of float64
+
+    registry = Registry()
+    try:
+        pairs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("tp", "rt", "bc", "big", "pickled")}
+        for r in range(args.rounds):
+            pairs["tp"].append((raw_throughput(n_tp), rp_throughput(registry.url, n_tp)))
+            pairs["rt"].append((raw_round_trip(n_rt), rp_round_trip(registry.url, n_rt)))
+            pairs["bc"].append((raw_broadcast(n_bc), rp_broadcast(registry.url, n_bc)))
+            pairs["big"].append((raw_big(array, big_rounds, True), rp_big(registry.url, array, big_rounds)))
+            pairs["pickled"].append((raw_big(array, big_rounds, False), 0.0))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        med = {k: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v)) for k, v in pairs.items()}
+        joins = [join_time(registry.url) for _ in range(3 if args.quick else 5)]
+    finally:
+        registry.close()
+
+    print(f"\nproxy benchmarks, medians of {args.rounds} paired rounds (loopback, 2 processes unless noted)")
+    raw, ours = med["tp"]
+    row("1. one-way msgs/s (isend new SessionMessage)", raw, ours, "msg/s", ours / raw, ">= 0.5x", ours / raw >= 0.5)
+    raw, ours = med["rt"]
+    row("2. send()+reply round trip", raw * 1e6, ours * 1e6, "us", ours / raw, "<= 1.15x", ours / raw <= 1.15)
+    raw, ours = med["bc"]
+    row("3. broadcast to 4 + gather 4 replies", raw * 1e6, ours * 1e6, "us", ours / raw, "<= 1.5x",
+        ours / raw <= 1.5)
+    raw, ours = med["big"]
+    row("4. 64 MB numpy array (vs raw zero-copy)", raw, ours, "MB/s", ours / raw, ">= 0.8x", ours / raw >= 0.8)
+    pickled = med["pickled"][0]
+    print(f"{'   (raw pickled, for reference)':<44} raw {pickled:>12,.1f} MB/s   rallypoint/pickled "
+          f"{ours / pickled:5.2f}x")
+    after_last = statistics.median(a for a, _ in joins)
+    in_ctor = statistics.median(b for _, b in joins)
+    print(f"{'5. master + 4 workers ready after last start':<44} {after_last:.3f} s (median of {len(joins)}; "
+          f"max {max(a for a, _ in joins):.3f})  target <= 0.5 s {'PASS' if after_last <= 0.5 else 'MISS'}")
+    print(f"{'   slowest join inside Proxy(...)':<44} {in_ctor:.3f} s  (the rest is interpreter start + imports)")
+    s_small, p_small, s_big, p_big = signing_cost(array)
+    print(f"{'6. codec encode+decode, small message':<44} signed {s_small:.2f} us  unsigned {p_small:.2f} us  "
+          f"overhead {s_small / p_small - 1:+.0%}  target <= +10% {'PASS' if s_small / p_small <= 1.1 else 'MISS'}")
+    print(f"{'   codec encode+decode, 64 MB array':<44} signed {s_big:.1f} ms  unsigned {p_big:.1f} ms  "
+          f"(the MAC alone; end to end it is part of row 4)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""rallypoint.proxy: the layer that touches the network.
+
+`Proxy` (the primitives), `dist` (the decorator), the driver interface with its ZeroMQ and in-memory
+implementations, the registry interface with its Redis, embedded and in-memory implementations, and the
+wire codec. Only `_zmq` imports zmq and only `_registry`/`_embedded` import redis/fakeredis.
+"""
+
+from ._config import UNSET as UNSET
+from ._config import HoldPolicy as HoldPolicy
+from ._config import Liveness as Liveness
+from ._config import Timeouts as Timeouts
+from ._dist import dist as dist
+from ._driver import Driver as Driver
+from ._driver import DriverEvent as DriverEvent
+from ._driver import InMemoryDriver as InMemoryDriver
+from ._driver import InMemoryNetwork as InMemoryNetwork
+from ._proxy import Proxy as Proxy
+from ._proxy import ProxyStats as ProxyStats
+from ._registry import InMemoryRegistry as InMemoryRegistry
+from ._registry import PeerRecord as PeerRecord
+from ._registry import RedisRegistry as RedisRegistry
+from ._registry import Registry as Registry
+from ._registry import registry_from as registry_from
+from ._wire import WireCodec as WireCodec
+
+
+def __getattr__(name: str) -> object:
+    # Imported on first use: ZmqDriver loads zmq, EmbeddedRegistryServer loads fakeredis (~160 ms).
+    if name == "ZmqDriver":
+        from ._zmq import ZmqDriver
+
+        return ZmqDriver
+    if name == "EmbeddedRegistryServer":
+        from ._embedded import EmbeddedRegistryServer
+
+        return EmbeddedRegistryServer
+    raise AttributeError(f"module 'rallypoint.proxy' has no attribute {name!r}")
+
+
+__all__ = [
+    "UNSET",
+    "Driver",
+    "DriverEvent",
+    "EmbeddedRegistryServer",
+    "HoldPolicy",
+    "InMemoryDriver",
+    "InMemoryNetwork",
+    "InMemoryRegistry",
+    "Liveness",
+    "PeerRecord",
+    "Proxy",
+    "ProxyStats",
+    "RedisRegistry",
+    "Registry",
+    "Timeouts",
+    "WireCodec",
+    "ZmqDriver",
+    "dist",
+    "registry_from",
+]

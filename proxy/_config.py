@@ -1,0 +1,108 @@
+"""Value objects for the proxy's timeouts, liveness and hold policy.
+
+Seconds as float everywhere; `None` means "no limit" and must be said explicitly. Defaults are finite
+except waiting for the next incoming message, which is what a receive loop is for.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from rallypoint.errors import ConfigError
+
+
+class _Unset:
+    """Tells "not given" (use the proxy's default) apart from `None` (no limit)."""
+
+    _instance: _Unset | None = None
+
+    def __new__(cls) -> _Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET = _Unset()
+
+
+def _check_timeout(name: str, value: float | None) -> None:
+    if value is not None and (not isinstance(value, (int, float)) or value < 0):
+        raise ConfigError(f"{name} must be a number of seconds >= 0 or None, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long each kind of blocking call may wait, in seconds (`None`: no limit).
+
+        >>> Timeouts(reply=5.0).join
+        30.0
+    """
+
+    join: float | None = 30.0  # waiting for expected_peers to register and connect at start
+    connect: float | None = 5.0  # waiting for a peer's connection handshake before a send gives up
+    reply: float | None = 60.0  # send/scatter/broadcast/receive_by_id waiting for replies
+    receive: float | None = None  # receive()/receive_once() waiting for the next message
+    registry: float = 2.0  # one registry (Redis) round trip
+    close: float = 1.0  # how long close() lets unsent messages drain before dropping them
+
+    def __post_init__(self) -> None:
+        for name in ("join", "connect", "reply", "receive", "registry", "close"):
+            _check_timeout(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How peers are known to be alive.
+
+    `lease` is how long a registry entry lives without a refresh: a peer killed with SIGKILL drops out
+    of everyone's view after at most that long even if no connection to it notices. Connections notice
+    much sooner: ZMTP heartbeats every `heartbeat` seconds, a peer silent for `heartbeat_timeout` is
+    declared gone (a crashed process is usually noticed at once, by its closed TCP connection).
+    """
+
+    lease: float = 3.0
+    refresh: float = 0.5  # how often the lease is renewed and the member list re-read
+    heartbeat: float = 0.5
+    heartbeat_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("lease", "refresh", "heartbeat", "heartbeat_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"Liveness.{name} must be a positive number of seconds, not {value!r}")
+        if self.refresh >= self.lease:
+            raise ConfigError("Liveness.refresh must be shorter than Liveness.lease")
+
+
+@dataclass(frozen=True)
+class HoldPolicy:
+    """What is kept for a peer that is gone, to deliver when it comes back under the same name.
+
+    Past `max_messages` (per peer) a new message is refused with `DeliveryRefused`; a held message
+    older than `max_age` seconds is dropped, logged and counted when the peer comes back or on the
+    next send to it. `max_messages=0` turns holding off: sends to a gone peer fail at once.
+    """
+
+    max_messages: int = 10_000
+    max_age: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_messages < 0 or self.max_age <= 0:
+            raise ConfigError("HoldPolicy needs max_messages >= 0 and max_age > 0")
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """Monotonic deadline for a timeout (`None` stays `None`: no deadline)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (never negative), or `None` for no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())

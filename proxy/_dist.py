@@ -1,0 +1,129 @@
+"""`@dist(proxy, handler_dict)`: turn a local class into a distributed worker with `launch()`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from rallypoint.engine import Message, RegisterTable, catalog
+from rallypoint.errors import ConfigError
+
+from ._proxy import Proxy
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Any, Proxy, list[Message]], Any]
+ErrorHook = Callable[[BaseException, Handler, list[Message]], Any]
+
+
+def dist(
+    proxy: Proxy,
+    handler_dict: Mapping[Any, Handler],
+    *,
+    on_error: ErrorHook | None = None,
+    rules: Mapping[str, Any] | None = None,
+) -> Callable[[type], type]:
+    """Make `cls` distributed: `launch()` feeds received messages to a rule table and calls handlers.
+
+        @dist(proxy, {"master:rollout:1": on_rollout})
+        class Worker:
+            ...
+
+        Worker().launch()      # returns after proxy.stop(), Worker.stop(), or SIGTERM
+
+    Keys of `handler_dict` are text rules, the seed's tuple form, or rule names defined in a loaded spec
+    (or in `rules`). Each handler is called as `handler(that, proxy, messages)` with the local instance,
+    the proxy and exactly the messages that met its rule. A handler that raises stops `launch()` and the
+    error propagates, unless `on_error(exc, handler, messages)` is given, which is called instead and the
+    loop goes on. Attribute access on the distributed instance falls through to the local one.
+    """
+    if not isinstance(proxy, Proxy):
+        raise ConfigError(f"dist() needs a Proxy, not {type(proxy).__name__}")
+    if not handler_dict:
+        raise ConfigError("dist() needs at least one event -> handler entry")
+    for key, handler in handler_dict.items():
+        if not callable(handler):
+            raise ConfigError(f"handler for {key!r} is not callable")
+
+    def decorate(cls: type) -> type:
+        class Distributed:
+            __slots__ = ("local_instance", "proxy", "_table", "_stopped")
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                self.local_instance = cls(*args, **kwargs)
+                self.proxy = proxy
+                self._table = RegisterTable(lambda: proxy.peers, rules=_named_rules(rules))
+                for event, handler in handler_dict.items():
+                    self._table.register_event_handler(event, handler)
+                self._stopped = threading.Event()
+
+            def __getattr__(self, name: str) -> Any:
+                # Only called when normal lookup fails: the local class's attributes show through.
+                return getattr(object.__getattribute__(self, "local_instance"), name)
+
+            @property
+            def register_table(self) -> RegisterTable:
+                return self._table
+
+            def stop(self) -> None:
+                """Make `launch()` return; safe from any thread, a handler or a signal handler."""
+                self._stopped.set()
+                proxy.stop()
+
+            def launch(self, *, handle_sigterm: bool = True) -> None:
+                """Receive and dispatch until stopped; with `handle_sigterm`, SIGTERM stops it cleanly."""
+                self._stopped.clear()
+                restore = _install_sigterm(self.stop) if handle_sigterm else None
+                try:
+                    for message in proxy.receive(timeout=None):
+                        self._table.push(message)
+                        for handler, messages in self._table.get():
+                            self._call(handler, messages)
+                            if self._stopped.is_set():
+                                break
+                        if self._stopped.is_set():
+                            break
+                finally:
+                    if restore is not None:
+                        restore()
+
+            def _call(self, handler: Handler, messages: list[Message]) -> None:
+                try:
+                    handler(self.local_instance, proxy, messages)
+                except Exception as exc:
+                    if on_error is None:
+                        raise
+                    logger.exception("handler %s failed", getattr(handler, "__name__", handler))
+                    on_error(exc, handler, messages)
+
+        Distributed.__name__ = cls.__name__
+        Distributed.__qualname__ = cls.__qualname__
+        Distributed.__doc__ = cls.__doc__
+        Distributed.__module__ = cls.__module__
+        return Distributed
+
+    return decorate
+
+
+def _named_rules(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    named = dict(catalog.rules)
+    if extra:
+        named.update(extra)
+    return named
+
+
+def _install_sigterm(stop: Callable[[], None]) -> Callable[[], None] | None:
+    """Route SIGTERM to `stop` while launch() runs (main thread only); returns how to undo it."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        logger.info("SIGTERM: stopping launch()")
+        stop()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)

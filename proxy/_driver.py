@@ -1,0 +1,281 @@
+"""The driver interface: how a Proxy moves frames to and from peers, plus an in-process implementation.
+
+A driver is small and byte-level: it knows peer names and addresses, multipart frames, and whether the
+channel to each peer is up. It knows nothing of messages, sessions or the registry. `ZmqDriver` (in `_zmq`,
+the only module that imports zmq) is the real one; `InMemoryDriver` lets the proxy be tested without sockets.
+
+Timeouts are float seconds; `None` waits forever and `0` does not wait.
+
+Events (from `poll`): "frames" (a multipart message a peer sent us), "up" (our channel to a peer completed
+its handshake) and "down" (that channel broke: the peer closed, crashed, froze or the link was cut). "up" and
+"down" are about the channels we opened with `connect()`, and are not reported for `disconnect()` or a move
+to a new address, which the caller asked for.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+from rallypoint.errors import ConfigError, PeerUnreachable, ProxyClosed, Timeout, TransportError
+
+__all__ = ["Driver", "DriverEvent", "InMemoryDriver", "InMemoryNetwork"]
+
+
+class DriverEvent(NamedTuple):
+    """Something `Driver.poll` saw: incoming frames, or a peer channel going up or down."""
+
+    kind: str  # "frames" | "up" | "down"
+    peer: str | None = None  # for "up"/"down"
+    frames: list[Any] | None = None  # for "frames": bytes, or memoryviews for big frames
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """Moves multipart frames between named peers. Used from one thread, except `wakeup()`.
+
+        >>> net = InMemoryNetwork()
+        >>> a, b = net.driver(), net.driver()
+        >>> b_address = b.bind("127.0.0.1")
+        >>> a.connect("b", b_address); a.wait_up(["b"], timeout=1.0)
+        set()
+        >>> a.send("b", [b"hello"], timeout=1.0)
+        >>> b.poll(1.0)
+        [DriverEvent(kind='frames', peer=None, frames=[b'hello'])]
+    """
+
+    address: str
+    """Where peers reach us (e.g. "tcp://127.0.0.1:40123"); set by `bind()`."""
+
+    def bind(self, host: str, port: int = 0) -> str:
+        """Start accepting frames on `host:port` (0: any free port); returns and sets `address`."""
+        ...
+
+    def connect(self, peer: str, address: str) -> None:
+        """Open the outbound channel to `peer` at `address`; returns at once, "up" follows the handshake.
+
+        Idempotent for the same address; a new address for a known peer moves the channel there.
+        """
+        ...
+
+    def disconnect(self, peer: str) -> None:
+        """Close the outbound channel to `peer` (no "down" event; unknown peers are ignored)."""
+        ...
+
+    def is_up(self, peer: str) -> bool:
+        """True once the channel to `peer` completed its handshake and has not broken or been closed since."""
+        ...
+
+    def wait_up(self, peers: Iterable[str], timeout: float | None) -> set[str]:
+        """Wait until every peer in `peers` is up; returns those still not up at the deadline."""
+        ...
+
+    def send(self, peer: str, frames: Sequence[Any], *, timeout: float | None) -> None:
+        """Queue one multipart message for `peer`, waiting up to `timeout` for the channel and for room.
+
+        Raises PeerUnreachable if the channel is not up by the deadline (never connected, or no
+        handshake), Timeout if the peer's queue stays full. Big frames may be sent without a copy: do not
+        modify their buffers until the driver is done with them.
+        """
+        ...
+
+    def poll(self, timeout: float | None) -> list[DriverEvent]:
+        """Wait up to `timeout` for anything (frames, up, down) and return all of it; [] on timeout.
+
+        Also returns (possibly []) soon after `wakeup()`.
+        """
+        ...
+
+    def wakeup(self) -> None:
+        """Make a blocked (or the next) `poll()` return soon. Safe from any thread and signal handlers."""
+        ...
+
+    def close(self, linger: float = 0.2) -> None:
+        """Release everything, giving unsent frames at most `linger` seconds; idempotent and prompt."""
+        ...
+
+
+# ------------------------------------------------------------------------------- deadline helpers
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """The monotonic deadline `timeout` seconds from now (None: no deadline)."""
+    if timeout is None:
+        return None
+    if timeout < 0 or math.isnan(timeout):
+        raise ConfigError(f"timeout must be >= 0 or None, got {timeout!r}")
+    return time.monotonic() + timeout
+
+
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (never negative), or None for no deadline."""
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+# --------------------------------------------------------------------------------- in-memory driver
+
+
+class InMemoryNetwork:
+    """A switchboard for `InMemoryDriver`s in one process: addresses are "inmem://N".
+
+        >>> net = InMemoryNetwork()
+        >>> d = net.driver(); d.bind("any")
+        'inmem://1'
+
+    `kill(address)` makes that driver vanish as in a crash: peers with a channel to it get "down".
+    Binding an explicit port again (`bind(host, port)`) revives the address, and channels to it come "up"
+    again, like ZeroMQ reconnecting to a restarted peer.
+    """
+
+    def __init__(self, *, hwm: int = 100_000) -> None:
+        self.hwm = hwm
+        self._cond = threading.Condition(threading.RLock())  # reentrant: wakeup() may run in a signal handler
+        self._bound: dict[str, InMemoryDriver] = {}
+        self._drivers: list[InMemoryDriver] = []
+        self._ports = itertools.count(1)
+
+    def driver(self) -> InMemoryDriver:
+        """A new driver on this network (unbound until `bind()`)."""
+        d = InMemoryDriver(self)
+        with self._cond:
+            self._drivers.append(d)
+        return d
+
+    def kill(self, address: str) -> None:
+        """Crash the driver bound at `address`: it stops, and its peers see "down"."""
+        with self._cond:
+            d = self._bound.get(address)
+        if d is not None:
+            d.close(0)
+
+    def _set_link(self, address: str, up: bool) -> None:
+        """Every channel to `address` goes up or down (caller holds the lock)."""
+        for d in self._drivers:
+            for peer, addr in d._peers.items():
+                if addr == address and (peer in d._up) != up:
+                    (d._up.add if up else d._up.discard)(peer)
+                    d._events.append(DriverEvent("up" if up else "down", peer))
+        self._cond.notify_all()
+
+
+class InMemoryDriver:
+    """A `Driver` whose peers live in the same process; frames are copied, so no buffer is shared."""
+
+    def __init__(self, network: InMemoryNetwork) -> None:
+        self.address = ""
+        self._net = network
+        self._cond = network._cond
+        self._peers: dict[str, str] = {}  # peer -> address of our channel to it
+        self._up: set[str] = set()
+        self._events: deque[DriverEvent] = deque()
+        self._woken = False
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ProxyClosed("the driver is closed")
+
+    def bind(self, host: str, port: int = 0) -> str:
+        with self._cond:
+            self._check_open()
+            if self.address:
+                raise ConfigError(f"already bound at {self.address}")
+            address = f"inmem://{port or next(self._net._ports)}"
+            if address in self._net._bound:
+                raise TransportError(f"cannot bind {address}: address in use")
+            self._net._bound[address] = self
+            self.address = address
+            self._net._set_link(address, True)
+            return address
+
+    def connect(self, peer: str, address: str) -> None:
+        with self._cond:
+            self._check_open()
+            if self._peers.get(peer) == address:
+                return
+            self._up.discard(peer)
+            self._peers[peer] = address
+            if address in self._net._bound:
+                self._up.add(peer)
+                self._events.append(DriverEvent("up", peer))
+                self._cond.notify_all()
+
+    def disconnect(self, peer: str) -> None:
+        with self._cond:
+            self._peers.pop(peer, None)
+            self._up.discard(peer)
+
+    def is_up(self, peer: str) -> bool:
+        with self._cond:
+            return peer in self._up
+
+    def wait_up(self, peers: Iterable[str], timeout: float | None) -> set[str]:
+        wanted = set(peers)
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or wanted <= self._up, timeout)
+            return wanted - self._up
+
+    def send(self, peer: str, frames: Sequence[Any], *, timeout: float | None) -> None:
+        deadline = deadline_after(timeout)
+        copied = [bytes(f) for f in frames]
+        with self._cond:
+            while True:
+                self._check_open()
+                if peer not in self._peers:
+                    raise PeerUnreachable(peer, f"no channel to {peer!r}: connect() it first")
+                target = self._net._bound.get(self._peers[peer]) if peer in self._up else None
+                if target is not None and len(target._events) < self._net.hwm:
+                    target._events.append(DriverEvent("frames", None, copied))
+                    self._cond.notify_all()
+                    return
+                left = time_left(deadline)
+                if left is not None and left <= 0:
+                    if target is None:
+                        raise PeerUnreachable(peer, f"peer {peer!r} is not up (waited {timeout}s)")
+                    raise Timeout(f"peer {peer!r}'s queue stayed full for {timeout}s", missing=[peer])
+                self._cond.wait(left)
+
+    def poll(self, timeout: float | None) -> list[DriverEvent]:
+        with self._cond:
+            self._check_open()
+            self._cond.wait_for(lambda: self._events or self._woken or self._closed, timeout)
+            events = list(self._events)
+            self._events.clear()
+            self._woken = False
+            return events
+
+    def wakeup(self) -> None:
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
+
+    def close(self, linger: float = 0.2) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            if self._net._bound.get(self.address) is self:
+                del self._net._bound[self.address]
+                self._net._set_link(self.address, False)
+            if self in self._net._drivers:
+                self._net._drivers.remove(self)
+            self._events.clear()
+            self._peers.clear()
+            self._up.clear()
+            self._cond.notify_all()
+
+    def __enter__(self) -> InMemoryDriver:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<InMemoryDriver {self.address or 'unbound'} peers={sorted(self._peers)}>"

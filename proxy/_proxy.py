@@ -1,0 +1,837 @@
+"""The Proxy: one communication interface over a pluggable driver, with peer discovery through a registry.
+
+The message path stays on the caller's thread: `send`, `receive` and `launch()` drive the driver directly.
+The only background thread (`_Membership`) renews our registry lease and re-reads the member list; it hands
+changes over through a deque and `driver.wakeup()`, and never touches the driver's sockets.
+
+This module imports neither zmq nor redis: the driver and the registry are objects behind small interfaces.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from enum import Enum
+from typing import Any
+
+from rallypoint.engine import Message, SessionMessage, SessionTracker, SessionType, catalog, load_spec
+from rallypoint.errors import (
+    ConfigError,
+    DeliveryRefused,
+    Error,
+    ForgedFrame,
+    FrameError,
+    JoinTimeout,
+    PeerGone,
+    PeerUnreachable,
+    ProxyClosed,
+    RegistryError,
+    Timeout,
+)
+
+from ._config import UNSET, HoldPolicy, Liveness, Timeouts, deadline_after, time_left
+from ._driver import Driver
+from ._registry import PeerRecord, Registry, registry_from
+from ._wire import Header, ReplayGuard, WireCodec
+
+logger = logging.getLogger(__name__)
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./")
+
+
+class ProxyState(Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class ProxyStats:
+    """Counters a user (or a test) can read: what was sent, received, dropped, held."""
+
+    __slots__ = ("sent", "received", "dropped_frames", "held", "held_expired", "refused", "peers_lost")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+        self.dropped_frames = 0
+        self.held = 0
+        self.held_expired = 0
+        self.refused = 0
+        self.peers_lost = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        return f"ProxyStats({self.as_dict()})"
+
+
+def _validate_name(what: str, name: str) -> str:
+    if not isinstance(name, str) or not name or not set(name) <= _NAME_CHARS:
+        raise ConfigError(
+            f"{what} {name!r} must be non-empty and use only letters, digits and _ - . / "
+            "(it is matched by rules such as 'worker:update:1')"
+        )
+    return name
+
+
+def _expected_counts(expected_peers: Any) -> dict[str, int]:
+    if expected_peers is None:
+        return {}
+    items = expected_peers.items() if isinstance(expected_peers, Mapping) else expected_peers
+    counts: dict[str, int] = {}
+    try:
+        for component_type, count in items:
+            _validate_name("component type", component_type)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ConfigError(f"expected peer count for {component_type!r} must be an int >= 0")
+            counts[component_type] = counts.get(component_type, 0) + count
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(
+            f"expected_peers must be like [('master', 1)] or {{'master': 1}}, not {expected_peers!r}"
+        ) from exc
+    return counts
+
+
+def _reachable_host(record_hint: str | None) -> str:
+    """The local interface address the registry host is reached from (loopback for a loopback registry)."""
+    if not record_hint or record_hint in ("localhost", "127.0.0.1", "::1"):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((record_hint, 9))  # UDP connect sends nothing; it only picks the route
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+class _Membership(threading.Thread):
+    """Renews our lease and notices membership changes, off the message path."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__(name=f"rallypoint-membership-{proxy.name}", daemon=True)
+        self._proxy = proxy
+        self._stop_event = threading.Event()
+        self._registry_down = False
+
+    def stop(self, timeout: float) -> None:
+        self._stop_event.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(timeout)
+
+    def run(self) -> None:
+        proxy = self._proxy
+        last: dict[str, PeerRecord] | None = None
+        while not self._stop_event.wait(proxy.liveness.refresh):
+            try:
+                if not proxy._registry.refresh(proxy.group_name, proxy._record, proxy.liveness.lease):
+                    # Our entry had vanished (the registry restarted or our lease lapsed): we are back in,
+                    # and the group key goes back too, so members joining now share the running one.
+                    proxy._registry.ensure_group_key(proxy.group_name, proxy._key)
+                    logger.warning("%s: re-registered in group %r", proxy.name, proxy.group_name)
+                members = proxy._registry.members(proxy.group_name)
+            except RegistryError as exc:
+                if not self._registry_down:
+                    logger.warning("%s: registry unreachable, keeping the last member list: %s", proxy.name, exc)
+                self._registry_down = True
+                continue
+            if self._registry_down:
+                logger.warning("%s: registry reachable again", proxy.name)
+                self._registry_down = False
+            if members != last:
+                last = members
+                proxy._membership_updates.append(members)
+                proxy._driver.wakeup()
+
+
+class Proxy:
+    """One endpoint of a distributed job: discovers its peers through a registry and talks to them.
+
+        proxy = Proxy(group_name="master-worker", component_type="worker",
+                      expected_peers=[("master", 1)])
+        for message in proxy.receive():
+            proxy.reply(message, payload=sum(message.payload))
+
+    The constructor joins the group: it registers under `group_name` and waits (at most
+    `timeouts.join` seconds) until the `expected_peers` have registered and are connected, raising
+    `JoinTimeout` naming who is missing. Use it as a context manager or call `close()`.
+
+    One thread at a time may use a proxy; `stop()` and `close()` are safe from any thread.
+    """
+
+    def __init__(
+        self,
+        group_name: str,
+        component_type: str,
+        expected_peers: Iterable[tuple[str, int]] | Mapping[str, int] | None = None,
+        *,
+        name: str | None = None,
+        registry: str | Registry | tuple[str, int] | None = None,
+        redis_address: tuple[str, int] | None = None,
+        driver: Driver | None = None,
+        host: str | None = None,
+        port: int = 0,
+        timeouts: Timeouts | None = None,
+        join_timeout: float | None | Any = UNSET,
+        liveness: Liveness | None = None,
+        hold: HoldPolicy | None = None,
+        codec: str = "pickle",
+        specs: Iterable[Any] = (),
+        max_buffered: int = 100_000,
+        max_message_bytes: int = 1 << 31,
+    ) -> None:
+        self._state = ProxyState.CLOSED  # until the join succeeds; close() is safe on a half-built proxy
+        self.group_name = _validate_name("group_name", group_name)
+        self.component_type = _validate_name("component_type", component_type)
+        self.name = _validate_name("name", name or f"{component_type}_{uuid.uuid4().hex[:8]}")
+        self.expected_peers = _expected_counts(expected_peers)
+        timeouts = timeouts or Timeouts()
+        if join_timeout is not UNSET:
+            timeouts = Timeouts(**{**timeouts.__dict__, "join": join_timeout})
+        self.timeouts = timeouts
+        self.liveness = liveness or Liveness()
+        self.hold_policy = hold or HoldPolicy()
+        if max_buffered < 1:
+            raise ConfigError("max_buffered must be >= 1")
+        self.max_buffered = max_buffered
+        self.stats = ProxyStats()
+        for spec in specs:
+            load_spec(spec) if not hasattr(spec, "session_types") else None
+
+        if registry is not None and redis_address is not None:
+            raise ConfigError("give registry= or redis_address=, not both")
+        self._registry: Registry = registry_from(
+            redis_address if redis_address is not None else registry, timeout=timeouts.registry
+        )
+        self._driver: Driver = driver if driver is not None else self._default_driver(max_message_bytes)
+        self._incarnation = uuid.uuid4().hex
+        self._seq = 0
+        self._tracker = SessionTracker()
+        self._replay = ReplayGuard()
+        # Incoming messages nobody has taken yet, by message id, plus an index by session for receive_by_id.
+        self._inbox: OrderedDict[str, Message] = OrderedDict()
+        self._inbox_by_session: dict[str, list[str]] = {}
+        # Sessions we started and whose reply we still expect, with the peer that owes it.
+        self._awaiting: dict[str, str] = {}
+        # Sessions that failed because their peer was lost: session id -> peer (bounded).
+        self._failed: OrderedDict[str, str] = OrderedDict()
+        self._members: dict[str, PeerRecord] = {}
+        self._gone: set[str] = set()
+        self._connected: set[str] = set()
+        self._held: dict[str, deque[tuple[float, str, Message]]] = {}
+        self._membership_updates: deque[dict[str, PeerRecord]] = deque()
+        self._stop_requested = threading.Event()
+        self._close_lock = threading.Lock()
+        self._membership: _Membership | None = None
+        try:
+            self._join(host, port, codec, max_message_bytes)
+        except BaseException:
+            self._teardown()
+            raise
+        self._state = ProxyState.OPEN
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _default_driver(self, max_message_bytes: int) -> Driver:
+        from ._zmq import ZmqDriver  # the only zmq-touching module; imported where the default is used
+
+        return ZmqDriver(
+            heartbeat_ivl=self.liveness.heartbeat,
+            heartbeat_timeout=self.liveness.heartbeat_timeout,
+            linger=self.timeouts.close,
+            max_message_bytes=max_message_bytes,
+        )
+
+    def _join(self, host: str | None, port: int, codec: str, max_message_bytes: int) -> None:
+        deadline = deadline_after(self.timeouts.join)
+        self._key = self._registry.group_key(self.group_name)
+        self._codec = WireCodec(self._key, codec=codec, max_message_bytes=max_message_bytes)
+        bind_host = host if host is not None else _reachable_host(getattr(self._registry, "host", None))
+        address = self._driver.bind(bind_host, port)
+        self._record = PeerRecord(
+            name=self.name,
+            component_type=self.component_type,
+            address=address,
+            incarnation=self._incarnation,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started_at=time.time(),
+        )
+        self._registry.register(self.group_name, self._record, self.liveness.lease)
+        self._wait_for_expected(deadline)
+        self._membership = _Membership(self)
+        self._membership.start()
+
+    def _wait_for_expected(self, deadline: float | None) -> None:
+        delay = 0.005
+        while True:
+            members = self._registry.members(self.group_name)
+            self._apply_members(members)
+            missing = self._missing_expected()
+            if not missing:
+                break
+            left = time_left(deadline)
+            if left is not None and left <= 0:
+                raise JoinTimeout(self._missing_text(missing, "registered"), missing)
+            time.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 0.1)
+        # Registered is not reachable: wait for the connection handshakes too, so a first broadcast
+        # counts every expected peer (no slow-joiner loss, no sleep).
+        targets = [n for n, r in self._members.items() if r.component_type in self.expected_peers]
+        not_up = self._driver.wait_up(targets, time_left(deadline))
+        if not_up:
+            by_type: dict[str, int] = {}
+            for peer in not_up:
+                t = self._members[peer].component_type
+                by_type[t] = by_type.get(t, 0) + 1
+            raise JoinTimeout(
+                f"{self.name}: registered but not reachable within the join timeout: {sorted(not_up)}",
+                by_type,
+            )
+
+    def _missing_expected(self) -> dict[str, int]:
+        have: dict[str, int] = {}
+        for record in self._members.values():
+            have[record.component_type] = have.get(record.component_type, 0) + 1
+        return {t: n - have.get(t, 0) for t, n in self.expected_peers.items() if have.get(t, 0) < n}
+
+    def _missing_text(self, missing: Mapping[str, int], what: str) -> str:
+        parts = ", ".join(f"{n} more {t!r}" for t, n in sorted(missing.items()))
+        return (
+            f"{self.name} ({self.component_type}) in group {self.group_name!r}: expected peers not {what} "
+            f"within {self.timeouts.join}s: missing {parts}"
+        )
+
+    def __enter__(self) -> Proxy:
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leave the group and release sockets; idempotent, bounded by `timeouts.close`, any thread."""
+        with self._close_lock:
+            if self._state is ProxyState.CLOSED and getattr(self, "_closed_once", False):
+                return
+            self._state = ProxyState.CLOSED
+            self._closed_once = True
+        self._stop_requested.set()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._membership is not None:
+            self._membership.stop(self.timeouts.close)
+        record = getattr(self, "_record", None)
+        if record is not None:
+            try:
+                self._registry.unregister(self.group_name, self.name)
+            except RegistryError as exc:
+                logger.warning("%s: could not unregister (the lease will expire): %s", self.name, exc)
+        driver = getattr(self, "_driver", None)
+        if driver is not None:
+            driver.close(linger=self.timeouts.close)
+        registry = getattr(self, "_registry", None)
+        if registry is not None:
+            registry.close()
+        held = sum(len(q) for q in getattr(self, "_held", {}).values())
+        if held:
+            logger.warning("%s: closed with %d held messages for gone peers undelivered", self.name, held)
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", ProxyState.CLOSED) is ProxyState.OPEN:
+            warnings.warn(f"unclosed Proxy {self.name!r}; use `with Proxy(...)` or close()", ResourceWarning,
+                          stacklevel=2)
+
+    def stop(self) -> None:
+        """Ask a running `receive()` loop or `launch()` to return; safe from any thread or a signal handler."""
+        self._stop_requested.set()
+        driver = getattr(self, "_driver", None)
+        if driver is not None:
+            driver.wakeup()
+
+    @property
+    def closed(self) -> bool:
+        return self._state is ProxyState.CLOSED
+
+    def _check_open(self) -> None:
+        if self._state is not ProxyState.OPEN:
+            raise ProxyClosed(f"proxy {self.name!r} is closed")
+
+    # ------------------------------------------------------------------ membership
+
+    @property
+    def peers(self) -> dict[str, list[str]]:
+        """Live peers by component type: `{type: [names]}` (without this proxy)."""
+        view: dict[str, list[str]] = {}
+        for peer, record in self._members.items():
+            if peer not in self._gone:
+                view.setdefault(record.component_type, []).append(peer)
+        for names in view.values():
+            names.sort()
+        return view
+
+    @property
+    def incarnation(self) -> str:
+        return self._incarnation
+
+    def session_stage(self, session_id: str) -> str:
+        """The stage (state) of a session this proxy took part in; `UnknownSession` if it never did."""
+        return self._tracker.stage(session_id)
+
+    def held(self, peer: str | None = None) -> int:
+        """How many messages are held for gone peers (for `peer`, or in all)."""
+        if peer is not None:
+            return len(self._held.get(peer, ()))
+        return sum(len(q) for q in self._held.values())
+
+    def _apply_members(self, members: dict[str, PeerRecord]) -> None:
+        """Bring our view and connections in line with the registry's member list (message-path thread)."""
+        members = {n: r for n, r in members.items() if n != self.name}
+        old = self._members
+        self._members = members
+        for peer, record in members.items():
+            previous = old.get(peer)
+            if previous is not None and previous.incarnation != record.incarnation:
+                # Restarted under the same name: the old connection is dead, its sessions failed.
+                self._declare_gone(peer, "restarted as a new process")
+            if peer in self._connected and (previous is None or previous.address != record.address):
+                self._driver.connect(peer, record.address)
+            elif peer not in self._connected and (
+                record.component_type in self.expected_peers or peer in self._held
+            ):
+                self._connect(peer)
+        for peer in old.keys() - members.keys():
+            self._declare_gone(peer, "left the registry (lease expired or unregistered)")
+            if peer in self._connected:
+                self._driver.disconnect(peer)
+                self._connected.discard(peer)
+
+    def _connect(self, peer: str) -> None:
+        record = self._members.get(peer)
+        if record is None:
+            raise PeerUnreachable(peer, f"{peer!r} is not a registered member of group {self.group_name!r}")
+        self._driver.connect(peer, record.address)
+        self._connected.add(peer)
+
+    def _refresh_members_now(self) -> None:
+        try:
+            self._apply_members(self._registry.members(self.group_name))
+        except RegistryError as exc:
+            logger.warning("%s: registry unreachable while looking up a peer: %s", self.name, exc)
+
+    def _declare_gone(self, peer: str, why: str) -> None:
+        if peer in self._gone:
+            return
+        self._gone.add(peer)
+        self.stats.peers_lost += 1
+        failed = [sid for sid, owner in self._awaiting.items() if owner == peer]
+        for sid in failed:
+            del self._awaiting[sid]
+            self._failed[sid] = peer
+        while len(self._failed) > self.max_buffered:
+            self._failed.popitem(last=False)
+        self._tracker.fail_peer(peer)
+        logger.warning("%s: peer %r is gone (%s); %d pending sessions failed", self.name, peer, why, len(failed))
+
+    def _peer_back(self, peer: str) -> None:
+        if peer not in self._gone:
+            return
+        self._gone.discard(peer)
+        logger.info("%s: peer %r is back", self.name, peer)
+        self._flush_held(peer)
+
+    # ------------------------------------------------------------------ sending
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _start_session(self, message: Message) -> bool:
+        """Track a message we originate; returns whether a reply is expected."""
+        if isinstance(message, SessionMessage):
+            compiled = catalog.require(message.session_type_name)
+            if message.session_stage is None:
+                message.session_stage = compiled.initial
+            self._tracker.start(message.session_id, compiled, peer=message.destination,
+                                stage=message.session_stage)
+            return _type_expects_reply(compiled)
+        return True
+
+    def _transmit(self, message: Message) -> None:
+        """Hand one message to the driver, or hold it for a gone peer."""
+        peer = message.destination
+        if peer == self.name:
+            raise ConfigError(f"{self.name!r} cannot send to itself")
+        if peer in self._gone:
+            self._hold(peer, message)
+            return
+        if peer not in self._connected:
+            if peer not in self._members:
+                self._refresh_members_now()
+            self._connect(peer)
+        frames = self._codec.encode(message, incarnation=self._incarnation, seq=self._next_seq())
+        self._driver.send(peer, frames, timeout=self.timeouts.connect)
+        self.stats.sent += 1
+
+    def _hold(self, peer: str, message: Message) -> None:
+        policy = self.hold_policy
+        queue = self._held.setdefault(peer, deque())
+        self._expire_held(peer, queue)
+        if len(queue) >= policy.max_messages:
+            self.stats.refused += 1
+            logger.warning("%s: refusing message %s for gone peer %r: %d already held",
+                           self.name, message.message_id, peer, len(queue))
+            raise DeliveryRefused(peer)
+        queue.append((time.monotonic(), message.message_id, message))
+        self.stats.held += 1
+        logger.info("%s: peer %r is gone; holding message %s (%d held)", self.name, peer, message.message_id,
+                    len(queue))
+
+    def _expire_held(self, peer: str, queue: deque[tuple[float, str, Message]]) -> None:
+        cutoff = time.monotonic() - self.hold_policy.max_age
+        while queue and queue[0][0] < cutoff:
+            _, message_id, message = queue.popleft()
+            self.stats.held_expired += 1
+            self._failed[message.session_id] = peer
+            self._awaiting.pop(message.session_id, None)
+            logger.warning("%s: held message %s for %r expired after %.0fs", self.name, message_id, peer,
+                           self.hold_policy.max_age)
+
+    def _flush_held(self, peer: str) -> None:
+        queue = self._held.get(peer)
+        if not queue:
+            return
+        self._expire_held(peer, queue)
+        delivered = 0
+        while queue:
+            _, _, message = queue[0]
+            try:
+                self._transmit(message)
+            except (PeerUnreachable, Timeout) as exc:
+                logger.warning("%s: %r came back but delivery stalled (%s); %d still held", self.name, peer, exc,
+                               len(queue))
+                return
+            queue.popleft()
+            delivered += 1
+            if message.session_id in self._failed and self._failed[message.session_id] == peer:
+                del self._failed[message.session_id]
+                self._awaiting[message.session_id] = peer
+        del self._held[peer]
+        logger.info("%s: delivered %d held messages to %r", self.name, delivered, peer)
+
+    def _dispatch(self, message: Message) -> str:
+        self._check_open()
+        self._absorb()
+        if self._start_session(message):
+            self._awaiting[message.session_id] = message.destination
+        try:
+            self._transmit(message)
+        except BaseException:
+            self._awaiting.pop(message.session_id, None)
+            raise
+        return message.session_id
+
+    def isend(self, message: Message) -> list[str]:
+        """Send without waiting; returns the session id(s) to collect replies with `receive_by_id`."""
+        return [self._dispatch(message)]
+
+    def send(self, message: Message, timeout: float | None | Any = UNSET) -> list[Message]:
+        """Send and wait for the reply; returns the replies (none for a notification)."""
+        session_ids = self.isend(message)
+        return self.receive_by_id(session_ids, timeout=timeout)
+
+    def iscatter(
+        self, tag: Any, session_type: SessionType | str, destination_payload_list: Iterable[tuple[str, Any]]
+    ) -> list[str]:
+        """Send one message per (destination, payload) without waiting; returns their session ids."""
+        messages = [
+            SessionMessage(tag=tag, source=self.name, destination=destination, payload=payload,
+                           session_type=session_type)
+            for destination, payload in destination_payload_list
+        ]
+        return self._dispatch_all(messages)
+
+    def scatter(
+        self,
+        tag: Any,
+        session_type: SessionType | str,
+        destination_payload_list: Iterable[tuple[str, Any]],
+        timeout: float | None | Any = UNSET,
+    ) -> list[Message]:
+        """Send one message per (destination, payload) and wait for every reply."""
+        return self.receive_by_id(self.iscatter(tag, session_type, destination_payload_list), timeout=timeout)
+
+    def ibroadcast(
+        self, component_type: str, tag: Any, session_type: SessionType | str, payload: Any = None
+    ) -> list[str]:
+        """Send `payload` to every live peer of `component_type` without waiting; returns session ids."""
+        self._check_open()
+        self._absorb()
+        targets = [p for p, r in self._members.items() if r.component_type == component_type]
+        if not targets:
+            raise PeerUnreachable(component_type, f"no live peer of type {component_type!r} in the group")
+        return self._dispatch_all(
+            [SessionMessage(tag=tag, source=self.name, destination=peer, payload=payload,
+                            session_type=session_type) for peer in sorted(targets)]
+        )
+
+    def broadcast(
+        self,
+        component_type: str,
+        tag: Any,
+        session_type: SessionType | str,
+        payload: Any = None,
+        timeout: float | None | Any = UNSET,
+    ) -> list[Message]:
+        """Send `payload` to every live peer of `component_type` and wait for all their replies."""
+        return self.receive_by_id(self.ibroadcast(component_type, tag, session_type, payload), timeout=timeout)
+
+    def _dispatch_all(self, messages: Sequence[Message]) -> list[str]:
+        # Every message goes out (or is held) before any error is raised, so one bad peer does not
+        # keep the others from getting their share; the first error is raised afterwards.
+        session_ids: list[str] = []
+        first_error: Error | None = None
+        for message in messages:
+            try:
+                session_ids.append(self._dispatch(message))
+            except (PeerUnreachable, Timeout, DeliveryRefused) as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            first_error.session_ids = tuple(session_ids)  # type: ignore[attr-defined]
+            raise first_error
+        return session_ids
+
+    def reply(self, message: Message, tag: Any = None, payload: Any = None, *, event: str | None = None
+              ) -> list[str]:
+        """Answer `message`: a new message in the same session, back to its source."""
+        self._check_open()
+        if isinstance(message, SessionMessage):
+            session = self._tracker.find(message.session_id)
+            if session is not None:
+                if event is not None:
+                    self._tracker.fire(session.id, event)  # the user's own event: illegal is an error
+                else:
+                    self._tracker.try_fire(session.id, "completed")
+            stage = session.state if session is not None else message.session_stage
+            answer: Message = message.reply_message(self.name, tag=tag, payload=payload, stage=stage, event=event)
+        else:
+            answer = message.reply_message(self.name, tag=tag, payload=payload)
+        self._transmit(answer)
+        return [answer.session_id]
+
+    def forward(self, message: Message, destination: str, tag: Any = None, payload: Any = None) -> list[str]:
+        """Pass `message` on to `destination` in the same session; its reply comes back to this proxy."""
+        self._check_open()
+        if isinstance(message, SessionMessage):
+            onward: Message = SessionMessage(
+                tag=message.tag if tag is None else tag, source=self.name, destination=destination,
+                payload=message.payload if payload is None else payload, session_type=message.session_type,
+                session_stage=message.session_stage, session_id=message.session_id, event=message.event,
+            )
+        else:
+            onward = Message(tag=message.tag if tag is None else tag, source=self.name, destination=destination,
+                             payload=message.payload if payload is None else payload,
+                             session_id=message.session_id)
+        self._awaiting[onward.session_id] = destination
+        try:
+            self._transmit(onward)
+        except BaseException:
+            self._awaiting.pop(onward.session_id, None)
+            raise
+        return [onward.session_id]
+
+    # ------------------------------------------------------------------ receiving
+
+    def _absorb(self) -> None:
+        """Apply what the membership thread noticed (cheap when nothing changed)."""
+        updates = self._membership_updates
+        if updates:
+            latest = updates[-1]
+            updates.clear()
+            self._apply_members(latest)
+
+    def _pump(self, timeout: float | None) -> None:
+        """Wait up to `timeout` for driver events and handle them (frames, peers up/down)."""
+        self._absorb()
+        for event in self._driver.poll(timeout):
+            if event.kind == "frames":
+                self._on_frames(event.frames)
+            elif event.kind == "down":
+                if event.peer in self._members and event.peer not in self._gone:
+                    self._declare_gone(event.peer, "connection lost")
+            elif event.kind == "up":
+                self._peer_back(event.peer)
+        self._absorb()
+
+    def _on_frames(self, frames: list[Any]) -> None:
+        try:
+            header = self._codec.decode_header(frames)  # checks the MAC before anything is trusted
+            self._check_sender(header)
+            self._replay.check(header.source, header.incarnation, header.seq)
+            message = self._codec.decode(frames, header)
+        except FrameError as exc:
+            self.stats.dropped_frames += 1
+            logger.warning("%s: dropped a frame (%s): %s", self.name, type(exc).__name__, exc)
+            return
+        self.stats.received += 1
+        self._track_incoming(message)
+        if len(self._inbox) >= self.max_buffered:
+            # Never drop data silently: the oldest unclaimed message goes, loudly. Reaching this means
+            # nothing consumes receive() while receive_by_id waits for other sessions.
+            _, oldest = self._inbox.popitem(last=False)
+            ids = self._inbox_by_session.get(oldest.session_id)
+            if ids:
+                ids.remove(oldest.message_id)
+                if not ids:
+                    del self._inbox_by_session[oldest.session_id]
+            logger.error("%s: %d unclaimed messages buffered; dropped the oldest (%s)", self.name,
+                         self.max_buffered, oldest.message_id)
+        self._inbox[message.message_id] = message
+        self._inbox_by_session.setdefault(message.session_id, []).append(message.message_id)
+
+    def _check_sender(self, header: Header) -> None:
+        if header.destination != self.name:
+            raise ForgedFrame(f"frame for {header.destination!r} arrived at {self.name!r}")
+        record = self._members.get(header.source)
+        if record is None or record.incarnation != header.incarnation:
+            self._refresh_members_now()  # a peer that joined since our last look; rare, so a round trip is fine
+            record = self._members.get(header.source)
+            if record is None or record.incarnation != header.incarnation:
+                raise ForgedFrame(
+                    f"frame from {header.source!r} with incarnation {header.incarnation[:8]} "
+                    "that the registry does not list"
+                )
+        if header.source in self._gone:
+            self._peer_back(header.source)
+
+    def _track_incoming(self, message: Message) -> None:
+        self._awaiting.pop(message.session_id, None)
+        if not isinstance(message, SessionMessage):
+            return
+        session = self._tracker.find(message.session_id)
+        if session is None:
+            compiled = catalog.get(message.session_type_name)
+            if compiled is None:
+                logger.warning("%s: message %s of unknown session type %r; delivered untracked", self.name,
+                               message.message_id, message.session_type_name)
+                return
+            session = self._tracker.start(message.session_id, compiled, peer=message.source,
+                                          stage=compiled.initial)
+            event = message.event or "received"
+        else:
+            event = message.event or "completed"
+        if not self._tracker.try_fire(session.id, event):
+            logger.debug("%s: session %s in %r ignores %r", self.name, session.id, session.state, event)
+
+    def _take(self) -> Message | None:
+        if not self._inbox:
+            return None
+        _, message = self._inbox.popitem(last=False)
+        ids = self._inbox_by_session[message.session_id]
+        ids.remove(message.message_id)
+        if not ids:
+            del self._inbox_by_session[message.session_id]
+        return message
+
+    def _take_session(self, session_id: str) -> Message | None:
+        ids = self._inbox_by_session.get(session_id)
+        if not ids:
+            return None
+        message_id = ids.pop(0)
+        if not ids:
+            del self._inbox_by_session[session_id]
+        return self._inbox.pop(message_id)
+
+    def receive_once(self, timeout: float | None | Any = UNSET) -> Message:
+        """The next incoming message; `Timeout` if none arrives in time (default: `timeouts.receive`)."""
+        self._check_open()
+        deadline = deadline_after(self.timeouts.receive if timeout is UNSET else timeout)
+        while True:
+            message = self._take()
+            if message is not None:
+                return message
+            left = time_left(deadline)
+            if left == 0:
+                raise Timeout(f"{self.name}: no message within {timeout}s")
+            if self._stop_requested.is_set():
+                raise Timeout(f"{self.name}: stopped while waiting for a message")
+            self._pump(left)
+
+    def receive(self, timeout: float | None | Any = UNSET) -> Iterator[Message]:
+        """Yield incoming messages until `stop()`/`close()`, or until none came for `timeout` seconds."""
+        self._check_open()
+        idle = self.timeouts.receive if timeout is UNSET else timeout
+        self._stop_requested.clear()
+        while not self._stop_requested.is_set() and self._state is ProxyState.OPEN:
+            deadline = deadline_after(idle)
+            message = self._take()
+            while message is None:
+                left = time_left(deadline)
+                if left == 0 or self._stop_requested.is_set() or self._state is not ProxyState.OPEN:
+                    return
+                self._pump(left)
+                message = self._take()
+            yield message
+
+    def receive_by_id(self, session_ids: Iterable[str] | str, timeout: float | None | Any = UNSET
+                      ) -> list[Message]:
+        """Wait for one message of each session id; returns them in the order of `session_ids`.
+
+        Messages of other sessions that arrive meanwhile stay buffered for `receive()` (up to
+        `max_buffered`). Raises `PeerGone` if a peer that owes a reply is lost, `Timeout` naming the
+        sessions still missing at the deadline; both carry `.replies`, what did arrive.
+        """
+        self._check_open()
+        ids = [session_ids] if isinstance(session_ids, str) else list(session_ids)
+        deadline = deadline_after(self.timeouts.reply if timeout is UNSET else timeout)
+        got: dict[str, Message] = {}
+        no_reply = {sid for sid in ids if sid not in self._awaiting and not self._expects_reply(sid)}
+        while True:
+            for sid in ids:
+                if sid not in got and sid not in no_reply:
+                    message = self._take_session(sid)
+                    if message is not None:
+                        got[sid] = message
+            missing = [sid for sid in ids if sid not in got and sid not in no_reply]
+            if not missing:
+                return [got[sid] for sid in ids if sid in got]
+            lost = [(sid, self._failed[sid]) for sid in missing if sid in self._failed]
+            if lost:
+                peers = sorted({peer for _, peer in lost})
+                exc = PeerGone(peers[0], f"{self.name}: peer(s) {peers} lost with sessions "
+                                         f"{[sid for sid, _ in lost]} pending", session_ids=[s for s, _ in lost])
+                exc.replies = [got[sid] for sid in ids if sid in got]  # type: ignore[attr-defined]
+                raise exc
+            left = time_left(deadline)
+            if left == 0:
+                owners = sorted({self._awaiting.get(sid, "?") for sid in missing})
+                exc2 = Timeout(f"{self.name}: no reply within {timeout if timeout is not UNSET else self.timeouts.reply}s "
+                               f"for sessions {missing} (from {owners})", missing)
+                exc2.replies = [got[sid] for sid in ids if sid in got]  # type: ignore[attr-defined]
+                raise exc2
+            self._pump(left)
+
+    def _expects_reply(self, session_id: str) -> bool:
+        if session_id in self._inbox_by_session or session_id in self._failed:
+            return True
+        session = self._tracker.find(session_id)
+        # A session we know with no reply left to come (a notification) returns at once.
+        return session is None or (_type_expects_reply(session.type) and not session.is_final)
+
+
+# Events the proxy fires by itself on a one-way message: arrival, loss of the peer, expiry.
+_ONE_WAY_EVENTS = frozenset({"received", "peer_lost", "timeout"})
+
+
+def _type_expects_reply(compiled: Any) -> bool:
+    """A session type whose only events are arrival, peer loss and expiry (a notification) is one-way."""
+    return not set(compiled.events) <= _ONE_WAY_EVENTS

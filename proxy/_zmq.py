@@ -1,0 +1,583 @@
+"""ZmqDriver: the Driver over ZeroMQ. The only module of rallypoint that imports zmq.
+
+Sockets (all used from the owner's thread; only `wakeup()` is for other threads):
+
+- inbound: one ROUTER bound at `bind()`. Every peer's outbound socket connects to it; the routing-id frame
+  the ROUTER prepends is stripped, so `poll()` returns only the frames the peer sent.
+- outbound: one ROUTER with ROUTER_MANDATORY, connected to each peer with CONNECT_ROUTING_ID set, so we
+  address peers by routing id and an unknown one fails at once (EHOSTUNREACH) instead of queuing silently.
+  ZMTP heartbeats (HEARTBEAT_IVL/TIMEOUT/TTL) run in libzmq's I/O thread, so a dead, frozen or cut-off peer
+  is noticed without any Python thread.
+- a monitor (PAIR over inproc) on the outbound socket: HANDSHAKE_SUCCEEDED -> "up", DISCONNECTED (or a
+  failed handshake) -> "down", mapped from the event's endpoint to the peer. Readiness is the handshake,
+  never a sleep.
+- a pipe whose read end sits in the same zmq.Poller, for a thread-safe `wakeup()`.
+
+Deviations from the obvious design, forced by libzmq 4.3 (each verified by experiment here):
+
+- Routing ids are `b"<generation>:<peer>"`, fresh for every connect(), not the bare peer name. Connecting
+  with a CONNECT_ROUTING_ID that is still attached to a pipe aborts the whole process (libzmq 4.3.5:
+  "Assertion failed: !has_out_pipe (routing_id) (src/router.cpp:438)", reproduced here), and disconnect()
+  detaches the old pipe asynchronously. Fresh ids make that impossible whatever the timing; the routing id
+  is our private detail, peers never see it.
+- The outbound socket is also registered in the poller (it never receives anything). zmq_disconnect only
+  stops libzmq's reconnect attempts once the socket processes its pending commands, which happens in calls
+  on that socket; polling it makes that prompt instead of "at the next send".
+- Monitor events name the endpoint as given to connect() at first, but libzmq reports the *resolved*
+  address after a reconnect ("tcp://localhost:5555" becomes "tcp://127.0.0.1:5555"), so each channel is
+  known under both spellings.
+- IMMEDIATE stays 0: with IMMEDIATE=1 the pipe only exists after the handshake and CONNECT_ROUTING_ID would
+  not apply to it. Instead `send()` refuses (PeerUnreachable) while the channel is not up, so nothing
+  queues silently for a peer we know is gone; frames queued just before a crash is noticed are delivered
+  if libzmq reconnects to a peer restarted at the same address.
+
+Receiving: `recv(copy=False)` per part; frames shorter than `copy_threshold` are handed on as bytes,
+longer ones as memoryviews of the zmq message (writable, zero copy). Sending: `send(copy=False)` per part,
+which pyzmq copies below `copy_threshold` and sends zero-copy above it.
+
+Two libzmq properties callers should know (measured here):
+
+- A receiver whose inbound queue is at RCVHWM stops reading its TCP stream, so it stops answering ZMTP
+  heartbeats too: a consumer that leaves RCVHWM messages unread for longer than heartbeat_timeout is
+  declared "down" by its senders, exactly like a frozen process (at the protocol level they look the same).
+- Frames in flight when a connection breaks are lost (in kernel buffers or half-written); ZeroMQ has no
+  end-to-end acknowledgement. Sessions above the driver must treat "down" as "outcome unknown".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import socket
+import struct
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import zmq
+
+from rallypoint.errors import ConfigError, PeerUnreachable, ProxyClosed, Timeout, TransportError
+
+from ._driver import DriverEvent, deadline_after, time_left
+
+__all__ = ["ZmqDriver"]
+
+logger = logging.getLogger(__name__)
+
+_MONITOR_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+_HANDSHAKE_FAILED = int(
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+_HANDSHAKE_SUCCEEDED = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+_DISCONNECTED = int(zmq.EVENT_DISCONNECTED)
+_EVENT_HEADER = struct.Struct("=HI")  # libzmq monitor frame 1: uint16 event, uint32 value
+_WILDCARD_HOSTS = {"", "*", "0.0.0.0", "::", "[::]"}
+_RECV_BATCH = 1024  # messages taken per poll() before returning, so up/down events are never starved
+_monitor_ids = itertools.count(1)
+# Plain ints for the hot path: pyzmq's constants are Enums, and Enum arithmetic costs microseconds.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+
+
+def _ms(seconds: float | None) -> int | None:
+    """Seconds (float, None = forever) to libzmq milliseconds (int, None = forever). The only conversion:
+    rounded up, so a short positive wait never becomes a busy 0."""
+    if seconds is None:
+        return None
+    return max(0, math.ceil(seconds * 1000.0))
+
+
+def _ms_option(seconds: float) -> int:
+    """Seconds to a millisecond socket option (finite)."""
+    return min(max(0, math.ceil(seconds * 1000.0)), 2**31 - 1)
+
+
+@contextlib.contextmanager
+def _zmq_errors(what: str, peer: str | None = None) -> Iterator[None]:
+    """Translate zmq errors raised inside into rallypoint errors (with the zmq error as the cause)."""
+    try:
+        yield
+    except zmq.Again as exc:
+        raise Timeout(f"{what}: {exc}", missing=[peer] if peer else ()) from exc
+    except zmq.ContextTerminated as exc:
+        raise ProxyClosed(f"{what}: the ZeroMQ context was terminated") from exc
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EHOSTUNREACH and peer is not None:
+            raise PeerUnreachable(peer, f"{what}: {exc}") from exc
+        if exc.errno in (zmq.EINVAL, zmq.EPROTONOSUPPORT, zmq.ENOCOMPATPROTO):
+            raise ConfigError(f"{what}: {exc}") from exc
+        if exc.errno == zmq.ENOTSOCK:
+            raise ProxyClosed(f"{what}: the socket is closed") from exc
+        raise TransportError(f"{what}: {exc}") from exc
+
+
+class _Channel:
+    """Our outbound connection to one peer."""
+
+    __slots__ = ("address", "rid", "endpoints")
+
+    def __init__(self, address: str, rid: bytes, endpoints: set[bytes]) -> None:
+        self.address = address
+        self.rid = rid
+        self.endpoints = endpoints
+
+
+class ZmqDriver:
+    """A Driver over ZeroMQ (tcp): one inbound ROUTER, one outbound ROUTER, ZMTP heartbeats, a monitor.
+
+        >>> with ZmqDriver() as a, ZmqDriver() as b:
+        ...     address = b.bind("127.0.0.1")
+        ...     a.connect("b", address)
+        ...     a.send("b", [b"hello"], timeout=5.0)
+        ...     [e.frames for e in b.poll(5.0)]
+        [[b'hello']]
+
+    heartbeat_ivl / heartbeat_timeout (seconds): how often each connection is pinged, and how long without
+    any traffic back before it is declared broken; a frozen peer is "down" within about their sum, a peer
+    whose process died within milliseconds (its kernel resets the connection). linger: how long close()
+    gives unsent frames. sndhwm / rcvhwm: per-peer queue bounds in messages (a full send queue waits, then
+    raises Timeout; nothing is dropped while the connection lives). max_message_bytes: the largest single
+    frame accepted (libzmq drops the connection of a peer that sends more). reconnect_ivl: how often libzmq
+    retries a broken channel (a peer restarted at the same address comes back "up" by itself).
+    advertise_host: the host put in `address` when binding a wildcard host (default: this host's name).
+
+    All methods are for the owner's thread, except `wakeup()` (any thread, or a signal handler).
+    """
+
+    def __init__(
+        self,
+        *,
+        context: zmq.Context[Any] | None = None,
+        heartbeat_ivl: float = 0.5,
+        heartbeat_timeout: float = 1.5,
+        linger: float = 0.2,
+        sndhwm: int = 100_000,
+        rcvhwm: int = 100_000,
+        max_message_bytes: int = 1 << 30,
+        reconnect_ivl: float = 0.1,
+        copy_threshold: int = zmq.COPY_THRESHOLD,
+        advertise_host: str | None = None,
+    ) -> None:
+        for name, value in (("heartbeat_ivl", heartbeat_ivl), ("heartbeat_timeout", heartbeat_timeout),
+                            ("reconnect_ivl", reconnect_ivl)):
+            if not value > 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {value!r}")
+        if linger < 0:
+            raise ConfigError(f"linger must be >= 0 seconds, got {linger!r}")
+        if sndhwm < 0 or rcvhwm < 0 or max_message_bytes < 1 or copy_threshold < 0:
+            raise ConfigError("sndhwm/rcvhwm/copy_threshold must be >= 0 and max_message_bytes >= 1")
+        self.address = ""
+        self._closed = True  # until fully built, so __del__/close on a failed __init__ are quiet
+        self._linger = linger
+        self._hb = (_ms_option(heartbeat_ivl), _ms_option(heartbeat_timeout), _ms_option(heartbeat_timeout))
+        self._rcvhwm = rcvhwm
+        self._max_message_bytes = max_message_bytes
+        self._copy_threshold = copy_threshold
+        self._advertise_host = advertise_host
+        self._own_context = context is None
+        self._ctx = zmq.Context() if context is None else context
+        self._in: zmq.Socket[Any] | None = None
+        self._peers: dict[str, _Channel] = {}
+        self._by_endpoint: dict[bytes, str] = {}
+        self._up: set[str] = set()
+        self._pending: list[DriverEvent] = []
+        self._generation = itertools.count(1)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_lock = threading.RLock()  # reentrant: wakeup() may run in a signal handler during close()
+        try:
+            out = self._ctx.socket(zmq.ROUTER)
+            self._out = out
+            out.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            out.setsockopt(zmq.LINGER, _ms_option(linger))
+            out.setsockopt(zmq.SNDHWM, sndhwm)
+            out.setsockopt(zmq.RECONNECT_IVL, _ms_option(reconnect_ivl))
+            self._heartbeats(out)
+            out.copy_threshold = copy_threshold
+            # Our own monitor PAIR rather than get_monitor_socket(): RCVHWM=0 so no up/down event is ever
+            # dropped however long the owner goes without polling (libzmq drops events on a full pipe).
+            endpoint = f"inproc://rallypoint-monitor-{os.getpid()}-{next(_monitor_ids)}"
+            out.monitor(endpoint, _MONITOR_EVENTS)
+            mon = self._ctx.socket(zmq.PAIR)
+            self._mon = mon
+            mon.setsockopt(zmq.RCVHWM, 0)
+            mon.setsockopt(zmq.LINGER, 0)
+            mon.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self._destroy()
+            raise TransportError(f"cannot create ZeroMQ sockets: {exc}") from exc
+        self._poller = zmq.Poller()
+        self._poller.register(self._mon, _POLLIN)
+        self._poller.register(self._out, _POLLIN)
+        self._poller.register(self._wake_r, _POLLIN)
+        self._closed = False
+
+    def _heartbeats(self, sock: zmq.Socket[Any]) -> None:
+        ivl, timeout, ttl = self._hb
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout)
+        # TTL tells the other side to drop us if it hears nothing for that long (libzmq: 100 ms units).
+        sock.setsockopt(zmq.HEARTBEAT_TTL, min(max(ttl, 100), 6_553_500))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ProxyClosed("the driver is closed")
+
+    # --------------------------------------------------------------------------------- bind/connect
+
+    def bind(self, host: str, port: int = 0) -> str:
+        """Bind the inbound socket on tcp://host:port (port 0: a free port); returns `address`."""
+        self._check_open()
+        if self._in is not None:
+            raise ConfigError(f"already bound at {self.address}")
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {port!r}")
+        ipv6 = ":" in host.strip("[]")
+        host_part = f"[{host.strip('[]')}]" if ipv6 else (host or "*")
+        url = f"tcp://{host_part}:{port if port else '*'}"
+        with _zmq_errors("cannot create the inbound socket"):
+            sock = self._ctx.socket(zmq.ROUTER)
+        try:
+            self._configure_inbound(sock, url, ipv6)
+            endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except BaseException:
+            sock.close(0)
+            raise
+        if host.strip("[]") in _WILDCARD_HOSTS:
+            reach = self._advertise_host or socket.gethostname()
+            endpoint = f"tcp://{reach}:{endpoint.rsplit(':', 1)[1]}"
+        self._in = sock
+        self._poller.register(sock, _POLLIN)
+        self.address = endpoint
+        return endpoint
+
+    def _configure_inbound(self, sock: zmq.Socket[Any], url: str, ipv6: bool) -> None:
+        with _zmq_errors(f"cannot bind {url}"):
+            sock.setsockopt(zmq.LINGER, 0)  # nothing is ever sent on it
+            sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
+            sock.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
+            # A peer that reconnects under a routing id still attached takes it over instead of being
+            # ignored. (Peers do not set ROUTING_ID, so ids are unique anyway; this is belt and braces.)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            if ipv6:
+                sock.setsockopt(zmq.IPV6, 1)
+            self._heartbeats(sock)
+            sock.bind(url)
+
+    def connect(self, peer: str, address: str) -> None:
+        """Open (or move) the outbound channel to `peer`; "up" follows once the ZMTP handshake completes."""
+        self._check_open()
+        channel = self._peers.get(peer)
+        if channel is not None:
+            if channel.address == address:
+                return
+            self._drop(peer, channel)
+        # One channel per address: a peer that took over the address of another (restarted under a new
+        # name on a reused port) displaces the old one, which can no longer be reached there.
+        for other, ch in list(self._peers.items()):
+            if ch.address == address:
+                self._drop(other, ch)
+                logger.info("channel to %r displaced: %r now connects to %s", other, peer, address)
+                self._pending.append(DriverEvent("down", other))
+        rid = f"{next(self._generation)}:{peer}".encode()
+        if len(rid) > 255:
+            raise ConfigError(f"peer name too long for a ZeroMQ routing id: {peer[:40]!r}...")
+        with _zmq_errors(f"cannot connect to {peer!r} at {address}", peer):
+            self._out.setsockopt(zmq.CONNECT_ROUTING_ID, rid)
+            self._out.connect(address)
+            endpoints = {address.encode(), bytes(self._out.getsockopt(zmq.LAST_ENDPOINT))}
+        resolved = _resolved(address)
+        if resolved is not None:
+            endpoints.add(resolved.encode())
+        self._peers[peer] = _Channel(address, rid, endpoints)
+        for ep in endpoints:
+            self._by_endpoint[ep] = peer
+
+    def disconnect(self, peer: str) -> None:
+        """Close the outbound channel to `peer` (unknown peers are ignored; no "down" event)."""
+        if self._closed:
+            return
+        channel = self._peers.get(peer)
+        if channel is not None:
+            self._drop(peer, channel)
+
+    def _drop(self, peer: str, channel: _Channel) -> None:
+        del self._peers[peer]
+        self._up.discard(peer)
+        for ep in channel.endpoints:
+            if self._by_endpoint.get(ep) == peer:
+                del self._by_endpoint[ep]
+        with contextlib.suppress(zmq.ZMQError):  # ENOENT: libzmq already forgot the endpoint
+            self._out.disconnect(channel.address)
+
+    # ---------------------------------------------------------------------------------- liveness
+
+    def is_up(self, peer: str) -> bool:
+        """True once the channel to `peer` completed its handshake and has not broken since."""
+        if self._closed:
+            return False
+        self._drain_monitor()
+        return peer in self._up
+
+    def wait_up(self, peers: Iterable[str], timeout: float | None) -> set[str]:
+        """Wait until every peer in `peers` is up; returns those still not up at the deadline."""
+        self._check_open()
+        wanted = set(peers)
+        deadline = deadline_after(timeout)
+        self._drain_monitor()
+        while True:
+            missing = wanted - self._up
+            if not missing:
+                return set()
+            left = time_left(deadline)
+            if left is not None and left <= 0:
+                return missing
+            self._wait_monitor(left)
+
+    def _wait_monitor(self, seconds: float | None) -> None:
+        """Block until a monitor event (or `seconds`), then fold the events into the state."""
+        with _zmq_errors("waiting for peer handshakes"):
+            self._mon.poll(_ms(seconds))
+            self._out.getsockopt(_EVENTS)  # let the outbound socket process its commands
+        self._drain_monitor()
+
+    def _drain_monitor(self) -> None:
+        mon = self._mon
+        try:
+            while int(mon.getsockopt(_EVENTS)) & _POLLIN:
+                parts = mon.recv_multipart(_NOBLOCK)
+                self._on_monitor(parts)
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as exc:
+            raise TransportError(f"monitor socket failed: {exc}") from exc
+
+    def _on_monitor(self, parts: list[bytes]) -> None:
+        if len(parts) < 2 or len(parts[0]) < 6:
+            return
+        event, value = _EVENT_HEADER.unpack_from(parts[0])
+        peer = self._by_endpoint.get(parts[1])
+        if peer is None:
+            return  # a channel we dropped, or libzmq's own housekeeping
+        if event == _HANDSHAKE_SUCCEEDED:
+            if peer not in self._up:
+                self._up.add(peer)
+                self._pending.append(DriverEvent("up", peer))
+        elif event == _DISCONNECTED or event & _HANDSHAKE_FAILED:
+            if event & _HANDSHAKE_FAILED:
+                logger.warning("handshake with %r at %s failed (zmq event %#x, value %d)",
+                               peer, parts[1].decode(errors="replace"), event, value)
+            if peer in self._up:
+                self._up.discard(peer)
+                self._pending.append(DriverEvent("down", peer))
+
+    # ------------------------------------------------------------------------------------- send
+
+    def send(self, peer: str, frames: Sequence[Any], *, timeout: float | None) -> None:
+        """Queue `frames` for `peer`: PeerUnreachable if its channel is not up by the deadline, Timeout if
+        its queue stays full. Frames of `copy_threshold` bytes or more are sent without a copy."""
+        self._check_open()
+        channel = self._peers.get(peer)
+        if channel is None:
+            raise PeerUnreachable(peer, f"no channel to {peer!r}: connect() it first")
+        deadline = deadline_after(timeout)
+        if peer not in self._up:
+            self._drain_monitor()
+            while peer not in self._up:
+                left = time_left(deadline)
+                if left is not None and left <= 0:
+                    raise PeerUnreachable(
+                        peer, f"peer {peer!r} at {channel.address} is not up (no handshake within {timeout}s)"
+                    )
+                self._wait_monitor(left)
+                if self._peers.get(peer) is not channel:
+                    raise PeerUnreachable(peer, f"the channel to {peer!r} was closed")
+        out = self._out
+        delay = 0.0001
+        while True:
+            try:
+                # The routing-id frame is the only one that can fail with EAGAIN (ROUTER checks the
+                # peer's HWM there); once it is accepted the rest of the message always is. A plain loop
+                # over send() is ~2x cheaper than send_multipart(), which re-validates every part.
+                out.send(channel.rid, _SNDMORE_NOBLOCK, copy=True)
+            except zmq.Again as exc:  # the peer's queue is at SNDHWM: back off until the deadline
+                left = time_left(deadline)
+                if left is not None and left <= 0:
+                    raise Timeout(
+                        f"peer {peer!r}'s queue stayed full for {timeout}s", missing=[peer]
+                    ) from exc
+            except zmq.ZMQError:
+                with _zmq_errors(f"send to {peer!r}", peer):
+                    raise
+            else:
+                self._send_rest(frames, peer)
+                return
+            self._drain_monitor()
+            if peer not in self._up:
+                raise PeerUnreachable(peer, f"peer {peer!r} went down while its queue was full")
+            time.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 0.005)
+
+    def _send_rest(self, frames: Sequence[Any], peer: str) -> None:
+        """The frames after the routing id. If one fails (say, it is not a buffer), end the message with an
+        empty frame anyway, so that the next send does not get glued onto this half (the receiver drops
+        the stub as malformed)."""
+        send = self._out.send
+        last = len(frames) - 1
+        try:
+            for i, frame in enumerate(frames):
+                # copy=False: pyzmq still copies frames below copy_threshold, sends the rest zero-copy.
+                send(frame, _NOBLOCK if i == last else _SNDMORE_NOBLOCK, copy=False)
+            if last < 0:
+                send(b"", _NOBLOCK)
+        except BaseException as exc:
+            with contextlib.suppress(zmq.ZMQError):
+                send(b"", _NOBLOCK)
+            if isinstance(exc, zmq.ZMQError):
+                with _zmq_errors(f"send to {peer!r}", peer):
+                    raise
+            if isinstance(exc, (TypeError, ValueError, BufferError)):
+                raise ConfigError(f"frames for {peer!r} must be bytes-like: {exc}") from exc
+            raise
+
+    # ------------------------------------------------------------------------------------- poll
+
+    def poll(self, timeout: float | None) -> list[DriverEvent]:
+        """Wait up to `timeout` for frames or peer events; returns them all ([] on timeout or wakeup)."""
+        self._check_open()
+        deadline = deadline_after(timeout)
+        inbound = self._in
+        while True:
+            wait = 0 if self._pending else _ms(time_left(deadline))
+            try:
+                ready = self._poller.poll(wait)
+            except zmq.ZMQError:
+                with _zmq_errors("poll"):
+                    raise
+            woken = False
+            for sock, _ in ready:
+                if sock is inbound:
+                    self._recv_into(self._pending)
+                elif sock is self._mon:
+                    self._drain_monitor()
+                elif sock == self._wake_r:
+                    woken = True
+                    with contextlib.suppress(OSError):
+                        while os.read(self._wake_r, 4096):
+                            pass
+                # self._out: nothing to read; polling it only let libzmq process its commands
+            if self._pending or woken:
+                events, self._pending = self._pending, []
+                return events
+            left = time_left(deadline)
+            if left is not None and left <= 0:
+                return []
+
+    def _recv_into(self, events: list[DriverEvent]) -> None:
+        assert self._in is not None
+        sock = self._in
+        recv = sock.recv
+        threshold = self._copy_threshold
+        try:
+            # Ask EVENTS before each message: a trailing zmq.Again costs more than a small message. Parts
+            # of a multipart message arrive together, so only the first recv could find nothing. A loop
+            # over recv(copy=False) is ~2x cheaper than recv_multipart(copy=False) plus conversion.
+            for _ in range(_RECV_BATCH):
+                if not int(sock.getsockopt(_EVENTS)) & _POLLIN:
+                    return
+                part = recv(_NOBLOCK, copy=False)  # the routing id ROUTER prepends: dropped
+                frames = []
+                while part.more:
+                    part = recv(_NOBLOCK, copy=False)
+                    frames.append(part.bytes if len(part) < threshold else part.buffer)
+                events.append(DriverEvent("frames", None, frames))
+        except zmq.Again:
+            return
+        except zmq.ZMQError as exc:
+            raise TransportError(f"receive failed: {exc}") from exc
+
+    # -------------------------------------------------------------------------------- lifecycle
+
+    def wakeup(self) -> None:
+        """Make a blocked `poll()` return soon. Safe from any thread and from a signal handler."""
+        with self._wake_lock:
+            if self._closed:
+                return
+            with contextlib.suppress(OSError):  # BlockingIOError: the pipe is full, poll() will wake anyway
+                os.write(self._wake_w, b"\x01")
+
+    def close(self, linger: float | None = None) -> None:
+        """Close every socket, giving unsent frames at most `linger` seconds (default: the constructor's).
+
+        Idempotent. Returns within about `linger` even with frames queued for a dead peer.
+        """
+        with self._wake_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._destroy(self._linger if linger is None else linger)
+
+    def _destroy(self, linger: float = 0.0) -> None:
+        ms = _ms_option(linger)
+        out = getattr(self, "_out", None)
+        if out is not None and not out.closed:
+            with contextlib.suppress(zmq.ZMQError):
+                out.disable_monitor()
+        for sock in (getattr(self, "_mon", None), self._in, out):
+            if sock is not None and not sock.closed:
+                sock.close(linger=0 if sock is not out else ms)
+        if self._own_context:
+            self._ctx.term()  # returns once the outbound socket's linger is over
+        with self._wake_lock:
+            for fd in (getattr(self, "_wake_r", -1), getattr(self, "_wake_w", -1)):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._wake_r = self._wake_w = -1
+        self._peers.clear()
+        self._by_endpoint.clear()
+        self._up.clear()
+
+    def __enter__(self) -> ZmqDriver:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else self.address or "unbound"
+        return f"<ZmqDriver {state} peers={len(self._peers)} up={len(self._up)}>"
+
+
+def _resolved(address: str) -> str | None:
+    """`address` with its host resolved to an IPv4 address, as libzmq reports it after a reconnect."""
+    if not address.startswith("tcp://"):
+        return None
+    hostport = address[6:]
+    host, _, port = hostport.rpartition(":")
+    if not host or host.startswith("[") or host.replace(".", "").isdigit():
+        return None
+    try:
+        return f"tcp://{socket.gethostbyname(host)}:{port}"
+    except OSError:
+        return None

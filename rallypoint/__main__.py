@@ -1,0 +1,7 @@
+"""`python -m rallypoint` runs the command line."""
+
+import sys
+
+from rallypoint.cli import main
+
+sys.exit(main())

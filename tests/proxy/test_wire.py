@@ -1,0 +1,473 @@
+"""The frame codec (proxy/_wire.py): round trips, zero copy, MAC, malformed input, replay guard."""
+
+from __future__ import annotations
+
+import enum
+import os
+import pickle
+
+import msgpack
+import numpy as np
+import pytest
+
+from rallypoint.engine import Message, SessionMessage, SessionType
+from rallypoint.errors import (
+    ConfigError,
+    ForgedFrame,
+    FrameError,
+    MalformedFrame,
+    OversizedFrame,
+    ReplayedFrame,
+    TransportError,
+)
+from rallypoint.proxy._wire import FLAG_OOB_BYTES, VERSION, Header, ReplayGuard, WireCodec
+
+pytestmark = pytest.mark.timeout(20)
+
+KEY = b"k" * 32
+ZC = 64 * 1024
+
+
+class Color(str, enum.Enum):
+    RED = "red"
+
+
+class Num(enum.Enum):
+    ONE = 1
+
+
+def roundtrip(codec: WireCodec, message: Message, seq: int = 1) -> tuple[list, Message]:
+    frames = codec.encode(message, incarnation="inc-1", seq=seq)
+    # What a driver hands over: bytes for small frames, memoryviews for big ones.
+    received = [bytes(f) if len(memoryview(f).cast("B")) < ZC else memoryview(bytearray(f)) for f in frames]
+    return frames, codec.decode(received)
+
+
+def assert_same_envelope(a: Message, b: Message) -> None:
+    assert type(a) is type(b)
+    for attr in ("source", "destination", "session_id", "message_id"):
+        assert getattr(a, attr) == getattr(b, attr)
+    assert b.tag == a.tag_text
+    if isinstance(a, SessionMessage):
+        assert isinstance(b, SessionMessage)
+        assert b.session_type_name == a.session_type_name
+        assert (b.session_stage, b.event) == (a.session_stage, a.event)
+
+
+# --------------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("codec_name", ["pickle", "msgpack"])
+@pytest.mark.parametrize("key", [KEY, None], ids=["signed", "unsigned"])
+@pytest.mark.parametrize(
+    "payload",
+    [None, "", {"a": 1, "b": [1, 2.5, "x"], "c": {"d": None}}, b"\x00raw bytes", 12345678901234, "text"],
+    ids=["none", "empty", "dict", "bytes", "int", "str"],
+)
+def test_round_trip_plain_payloads(codec_name: str, key: bytes | None, payload: object) -> None:
+    codec = WireCodec(key, codec=codec_name)
+    for message in (
+        Message("check_in", "worker_001", "master", payload),
+        SessionMessage("sum", "master", "worker_001", payload, session_type=SessionType.TASK),
+        SessionMessage("note", "master", "worker_002", payload, session_type=SessionType.NOTIFICATION,
+                       session_stage="receive", event="received"),
+    ):
+        frames, out = roundtrip(codec, message)
+        assert_same_envelope(message, out)
+        assert out.payload == payload
+        assert len(frames) == (3 if key else 2)
+
+
+def test_session_type_builtin_comes_back_as_enum_and_custom_as_text() -> None:
+    codec = WireCodec(KEY)
+    _, out = roundtrip(codec, SessionMessage("t", "a", "b", 1, session_type=SessionType.TASK))
+    assert out.session_type is SessionType.TASK
+    custom = SessionMessage("vote", "a", "b", 1, session_type="two_phase", session_stage="prepare",
+                            event="voted")
+    _, out = roundtrip(codec, custom)
+    assert (out.session_type, out.session_stage, out.event) == ("two_phase", "prepare", "voted")
+
+
+@pytest.mark.parametrize("tag,text", [(Color.RED, "red"), (Num.ONE, "1"), ("plain", "plain"), (7, "7")])
+def test_enum_tags_travel_by_value(tag: object, text: str) -> None:
+    codec = WireCodec(KEY)
+    frames, out = roundtrip(codec, Message(tag, "a", "b"))
+    assert out.tag == text
+    assert codec.decode_header(frames).tag == text
+
+
+def test_header_routes_without_the_payload(monkeypatch: pytest.MonkeyPatch) -> None:
+    codec = WireCodec(KEY)
+    msg = SessionMessage("sum", "master", "worker_001", [1, 2], session_type=SessionType.TASK)
+    frames = codec.encode(msg, incarnation="inc-9", seq=42)
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("payload decoded"))
+    h = codec.decode_header(frames)
+    assert isinstance(h, Header)
+    assert (h.version, h.tag, h.source, h.destination) == (VERSION, "sum", "master", "worker_001")
+    assert (h.session_id, h.message_id) == (msg.session_id, msg.message_id)
+    assert (h.session_type, h.session_stage, h.event) == ("task", "request", None)
+    assert (h.incarnation, h.seq, h.nframes, h.codec_name) == ("inc-9", 42, 1, "pickle")
+    assert h.is_session and h.kind == "session" and h.verified
+    plain = codec.decode_header(codec.encode(Message("t", "a", "b"), incarnation="i", seq=1))
+    assert not plain.is_session and plain.kind == "message" and plain.session_type is None
+
+
+def test_decode_with_a_verified_header_skips_the_second_mac(monkeypatch: pytest.MonkeyPatch) -> None:
+    codec = WireCodec(KEY)
+    frames = codec.encode(Message("t", "a", "b", [1]), incarnation="i", seq=1)
+    header = codec.decode_header(frames)
+    monkeypatch.setattr(type(codec._mac), "compute", lambda *a: pytest.fail("MAC computed twice"))
+    assert codec.decode(frames, header=header).payload == [1]
+
+
+def test_unverified_header_is_parsed_but_not_trusted_for_unpickling() -> None:
+    codec = WireCodec(KEY)
+    frames = codec.encode(Message("t", "a", "b", [1]), incarnation="i", seq=1)
+    frames[-1] = bytes(32)  # a wrong MAC
+    h = codec.decode_header(frames, verify=False)
+    assert h.tag == "t" and not h.verified
+    with pytest.raises(ForgedFrame):
+        codec.decode(frames, header=h)
+
+
+# --------------------------------------------------------------------------------------- zero copy
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_numpy_arrays_travel_as_separate_zero_copy_frames(order: str) -> None:
+    codec = WireCodec(KEY)
+    big = np.asarray(np.arange(40_000, dtype=np.float64).reshape(200, 200), order=order)
+    small = np.arange(10, dtype=np.int32)
+    msg = SessionMessage("grad", "w", "m", {"big": big, "small": small, "n": 3})
+    frames = codec.encode(msg, incarnation="i", seq=1)
+    assert len(frames) == 4  # header, pickle stream, the big array's buffer, mac
+    buf = frames[2]
+    assert isinstance(buf, memoryview) and buf.nbytes == big.nbytes
+    assert np.shares_memory(np.frombuffer(buf, dtype=np.uint8), big)  # no copy on send
+    received = [bytes(frames[0]), bytes(frames[1]), bytearray(frames[2]), bytes(frames[3])]
+    out = codec.decode(received).payload
+    assert np.array_equal(out["big"], big) and out["big"].dtype == big.dtype
+    assert np.array_equal(out["small"], small) and out["n"] == 3
+    # Rebuilt on the received frame's memory (no copy on receive), and writable since the frame is.
+    assert np.shares_memory(out["big"], np.frombuffer(received[2], dtype=np.uint8))
+    out["big"][0, 0] = -1.0
+
+
+def test_readonly_array_stays_readonly() -> None:
+    codec = WireCodec(KEY)
+    arr = np.ones(20_000)
+    arr.setflags(write=False)
+    frames = codec.encode(Message("x", "a", "b", arr), incarnation="i", seq=1)
+    out = codec.decode([bytes(f) for f in frames]).payload
+    assert np.array_equal(out, arr) and not out.flags.writeable
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+@pytest.mark.parametrize("where", ["top", "in_dict", "in_list_in_dict"])
+def test_big_bytes_travel_out_of_band(kind: type, where: str) -> None:
+    codec = WireCodec(KEY)
+    blob = kind(os.urandom(ZC + 1))
+    payload = {"top": blob, "in_dict": {"blob": blob, "x": 1},
+               "in_list_in_dict": {"parts": [b"small", blob]}}[where]
+    frames = codec.encode(Message("x", "a", "b", payload), incarnation="i", seq=1)
+    assert codec.decode_header(frames).flags & FLAG_OOB_BYTES
+    assert len(frames) == 4 and memoryview(frames[2]).nbytes == len(blob)
+    assert max(len(memoryview(f)) for f in (frames[0], frames[1])) < 1024  # not pickled in band
+    out = codec.decode([bytes(f) for f in frames]).payload
+    assert out == payload
+    got = out if where == "top" else out["blob"] if where == "in_dict" else out["parts"][1]
+    assert type(got) is kind
+
+
+def test_small_buffers_stay_in_band() -> None:
+    codec = WireCodec(KEY, zero_copy_threshold=1 << 20)
+    arr = np.arange(1000.0)
+    frames = codec.encode(Message("x", "a", "b", {"a": arr, "b": b"x" * 5000}), incarnation="i", seq=1)
+    assert len(frames) == 3
+    out = codec.decode(frames).payload
+    assert np.array_equal(out["a"], arr) and out["b"] == b"x" * 5000
+
+
+def test_big_frames_enter_the_mac_as_digests_and_are_still_covered() -> None:
+    codec = WireCodec(KEY)
+    arr = np.arange(100_000, dtype=np.int64)
+    frames = [bytearray(f) for f in codec.encode(Message("x", "a", "b", arr), incarnation="i", seq=1)]
+    frames[2][len(frames[2]) // 2] ^= 0x01
+    with pytest.raises(ForgedFrame):
+        codec.decode(frames)
+
+
+def test_very_big_frames_are_hashed_in_chunks_and_every_chunk_is_covered() -> None:
+    codec = WireCodec(KEY)
+    arr = np.arange((9 << 20) // 8, dtype=np.int64)  # 9 MiB: three 4 MiB chunks, hashed in parallel
+    frames = codec.encode(Message("x", "a", "b", arr), incarnation="i", seq=1)
+    assert np.array_equal(codec.decode(frames).payload, arr)
+    for pos in (0, (5 << 20), (9 << 20) - 1):  # one byte in each chunk
+        forged = [bytearray(f) for f in frames]
+        forged[2][pos] ^= 0x10
+        with pytest.raises(ForgedFrame):
+            codec.decode(forged)
+
+
+# ---------------------------------------------------------------------------------------- the MAC
+
+
+def _valid_frames(codec: WireCodec) -> list[bytes]:
+    msg = SessionMessage("sum", "master", "w1", {"a": np.arange(20_000), "s": "x" * 5000})
+    return [bytes(f) for f in codec.encode(msg, incarnation="i", seq=1)]
+
+
+def test_a_flipped_bit_in_any_frame_is_rejected() -> None:
+    codec = WireCodec(KEY)
+    frames = _valid_frames(codec)
+    assert len(frames) == 4
+    for i, frame in enumerate(frames):
+        for pos in {0, len(frame) // 2, len(frame) - 1}:
+            for bit in (0x01, 0x80):
+                forged = list(frames)
+                mutated = bytearray(frame)
+                mutated[pos] ^= bit
+                forged[i] = bytes(mutated)
+                with pytest.raises(ForgedFrame):
+                    codec.decode(forged)
+
+
+def test_frames_cannot_be_resplit() -> None:
+    codec = WireCodec(KEY)
+    frames = [bytes(f) for f in codec.encode(Message("t", "a", "b", "payload"), incarnation="i", seq=1)]
+    # Move a byte from the header to the payload frame: same concatenation, different split.
+    resplit = [frames[0][:-1], frames[0][-1:] + frames[1], frames[2]]
+    with pytest.raises(FrameError):
+        codec.decode(resplit)
+
+
+def test_wrong_key_is_forged() -> None:
+    frames = _valid_frames(WireCodec(b"other key"))
+    with pytest.raises(ForgedFrame):
+        WireCodec(KEY).decode(frames)
+
+
+def test_nothing_unauthenticated_reaches_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: calls.append(a))
+    codec = WireCodec(KEY)
+    evil = pickle.dumps(Exception("pwned"))  # stands in for a malicious pickle
+    frames = [bytes(f) for f in codec.encode(Message("t", "a", "b", 1), incarnation="i", seq=1)]
+    frames[1] = evil
+    with pytest.raises(ForgedFrame):
+        codec.decode(frames)
+    with pytest.raises(ForgedFrame):
+        codec.decode(frames, header=codec.decode_header(frames, verify=False))
+    assert calls == []
+
+
+def test_signed_and_unsigned_do_not_mix() -> None:
+    signed, unsigned = WireCodec(KEY), WireCodec(None)
+    msg = Message("t", "a", "b", [1])
+    with pytest.raises(FrameError):
+        signed.decode(unsigned.encode(msg, incarnation="i", seq=1))
+    with pytest.raises(FrameError):
+        unsigned.decode(signed.encode(msg, incarnation="i", seq=1))
+
+
+def test_long_keys_are_accepted_and_empty_keys_are_not() -> None:
+    codec = WireCodec(b"x" * 200)
+    assert codec.decode(codec.encode(Message("t", "a", "b", 1), incarnation="i", seq=1)).payload == 1
+    with pytest.raises(ConfigError):
+        WireCodec(b"")
+
+
+# ------------------------------------------------------------------------------- malformed frames
+
+
+@pytest.mark.parametrize(
+    "mangle,error",
+    [
+        (lambda f: [], MalformedFrame),
+        (lambda f: f[:1], MalformedFrame),
+        (lambda f: f[:-1], FrameError),  # mac dropped: the last payload frame is taken for the mac
+        (lambda f: [f[0], f[-1]], FrameError),  # payload frames dropped
+        (lambda f: f + [b"extra"], FrameError),
+        (lambda f: f[:-1] + [b"extra", f[-1]], FrameError),
+        (lambda f: [f[0][:10]] + f[1:], FrameError),  # truncated header
+        (lambda f: [f[0], f[1][:-1]] + f[2:], ForgedFrame),  # truncated payload
+        (lambda f: f[:-1] + [f[-1][:16]], ForgedFrame),  # truncated mac
+        (lambda f: [f[1], f[0]] + f[2:], FrameError),  # reordered
+        (lambda f: [b"\xc1" * 40] + f[1:], FrameError),  # garbage header
+        (lambda f: [1, 2, 3], MalformedFrame),  # not buffers at all
+        (lambda f: ["text", "more"], MalformedFrame),
+    ],
+)
+def test_malformed_frame_lists_raise_typed_errors(mangle, error) -> None:  # type: ignore[no-untyped-def]
+    codec = WireCodec(KEY)
+    frames = _valid_frames(codec)
+    with pytest.raises(error):
+        codec.decode(mangle(frames))
+
+
+def _signed_with_header(codec: WireCodec, header: bytes, payload: list[bytes]) -> list[bytes]:
+    """Frames with an arbitrary header, correctly signed: what only a key holder could send."""
+    body = [header, *payload]
+    assert codec._mac is not None
+    return [*body, codec._mac.compute(body, [len(f) for f in body])]
+
+
+def _fields(**changes: object) -> list[object]:
+    base: dict[str, object] = dict(
+        version=VERSION, flags=0, codec=0, tag="t", source="a", destination="b", session_id="s",
+        message_id="m", session_type=None, session_stage=None, event=None, incarnation="i", seq=1, nframes=1,
+    )
+    base.update(changes)
+    return list(base.values())
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        msgpack.packb(_fields(version=VERSION + 1)),
+        msgpack.packb(_fields(version="1")),
+        msgpack.packb(_fields()[:-1]),  # too short
+        msgpack.packb({"version": 1}),
+        msgpack.packb(_fields(seq=-1)),
+        msgpack.packb(_fields(seq="1")),
+        msgpack.packb(_fields(source=None)),
+        msgpack.packb(_fields(tag=b"bytes")),
+        msgpack.packb(_fields(flags=0x80)),
+        msgpack.packb(_fields(codec=9)),
+        msgpack.packb(_fields(nframes=3)),
+        msgpack.packb(_fields(flags=1)),  # a session message without a session type
+        msgpack.packb(_fields()) + b"trailing",
+        b"",
+        os.urandom(64),
+    ],
+)
+def test_bad_headers_are_malformed_even_when_signed(header: bytes) -> None:
+    codec = WireCodec(KEY)
+    with pytest.raises(MalformedFrame):
+        codec.decode(_signed_with_header(codec, header, [pickle.dumps(1)]))
+
+
+def test_wrong_version_is_named() -> None:
+    codec = WireCodec(KEY)
+    frames = _signed_with_header(codec, msgpack.packb(_fields(version=99)), [pickle.dumps(1)])
+    with pytest.raises(MalformedFrame, match="version 99"):
+        codec.decode(frames)
+
+
+def test_authenticated_but_undecodable_payload_is_malformed() -> None:
+    codec = WireCodec(KEY)
+    header = msgpack.packb(_fields())
+    with pytest.raises(MalformedFrame):
+        codec.decode(_signed_with_header(codec, header, [b"not a pickle"]))
+    # A class the receiver cannot import.
+    stream = pickle.dumps(1).replace(b"K\x01", b"\x8c\x0bno_such_mod\x94\x8c\x01X\x94\x93\x94)R\x94")
+    with pytest.raises(MalformedFrame):
+        codec.decode(_signed_with_header(codec, header, [stream]))
+
+
+def test_oversized_is_refused_from_lengths_before_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    codec = WireCodec(KEY, max_message_bytes=100_000)
+    frames = [b"h" * 10, b"p" * 200_000, b"m" * 32]
+    monkeypatch.setattr(type(codec._mac), "compute", lambda *a: pytest.fail("hashed an oversized message"))
+    with pytest.raises(OversizedFrame):
+        codec.decode(frames)
+
+
+def test_encode_refuses_what_the_receiver_would_refuse() -> None:
+    codec = WireCodec(KEY, max_message_bytes=100_000)
+    with pytest.raises(ConfigError, match="max_message_bytes"):
+        codec.encode(Message("t", "a", "b", b"x" * 200_000), incarnation="i", seq=1)
+    with pytest.raises(ConfigError):
+        codec.encode(Message("t", None, "b"), incarnation="i", seq=1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        codec.encode(Message("t", "a", "b"), incarnation="i", seq=-1)
+    with pytest.raises(ConfigError):
+        codec.encode(Message("t", "a", "b", lambda: 1), incarnation="i", seq=1)
+
+
+def test_frame_errors_are_transport_errors() -> None:
+    for cls in (MalformedFrame, ForgedFrame, OversizedFrame, ReplayedFrame):
+        assert issubclass(cls, FrameError) and issubclass(cls, TransportError)
+
+
+# ---------------------------------------------------------------------------------------- msgpack
+
+
+def test_msgpack_codec_rejects_unsupported_payloads_at_encode() -> None:
+    codec = WireCodec(KEY, codec="msgpack")
+    for payload in (np.arange(3), {1, 2}, object()):
+        with pytest.raises(ConfigError, match="msgpack"):
+            codec.encode(Message("t", "a", "b", payload), incarnation="i", seq=1)
+    # The packer is still usable afterwards.
+    assert roundtrip(codec, Message("t", "a", "b", {"ok": [1, (2, 3)]}))[1].payload == {"ok": [1, [2, 3]]}
+
+
+def test_msgpack_codec_never_unpickles() -> None:
+    pickler, safe = WireCodec(KEY, codec="pickle"), WireCodec(KEY, codec="msgpack")
+    frames = pickler.encode(Message("t", "a", "b", [1]), incarnation="i", seq=1)
+    with pytest.raises(MalformedFrame, match="msgpack-only"):
+        safe.decode(frames)
+    # The other way round is fine: msgpack is safe for everyone.
+    assert pickler.decode(safe.encode(Message("t", "a", "b", [1]), incarnation="i", seq=1)).payload == [1]
+
+
+def test_msgpack_keeps_non_string_keys_and_binary() -> None:
+    codec = WireCodec(KEY, codec="msgpack")
+    payload = {1: b"\x00\x01", "x": [None, True, 1.5]}
+    assert roundtrip(codec, Message("t", "a", "b", payload))[1].payload == payload
+
+
+def test_unknown_codec_and_bad_options() -> None:
+    with pytest.raises(ConfigError):
+        WireCodec(KEY, codec="json")
+    with pytest.raises(ConfigError):
+        WireCodec(KEY, max_message_bytes=10)
+    with pytest.raises(ConfigError):
+        WireCodec(KEY, zero_copy_threshold=0)
+
+
+# ----------------------------------------------------------------------------------- replay guard
+
+
+def test_replay_guard_refuses_old_and_repeated_seqs() -> None:
+    guard = ReplayGuard()
+    guard.check("w1", "inc-a", 1)
+    guard.check("w1", "inc-a", 5)  # gaps are fine: one counter serves all destinations
+    for seq in (5, 4, 1):
+        with pytest.raises(ReplayedFrame):
+            guard.check("w1", "inc-a", seq)
+    guard.check("w1", "inc-a", 6)
+    guard.check("w2", "inc-z", 1)  # other sources are independent
+
+
+def test_replay_guard_accepts_a_new_incarnation_and_remembers_the_old() -> None:
+    guard = ReplayGuard(window=2)
+    guard.check("w1", "old", 10)
+    guard.check("w1", "new", 1)  # a restarted process starts counting again
+    with pytest.raises(ReplayedFrame):
+        guard.check("w1", "old", 10)
+    guard.check("w1", "newer", 1)  # evicts "old": at most 2 incarnations per source
+    guard.check("w1", "old", 10)  # forgotten, so accepted: the proxy checks registered incarnations
+    with pytest.raises(ReplayedFrame):
+        guard.check("w1", "newer", 1)
+
+
+def test_replay_guard_memory_is_bounded() -> None:
+    guard = ReplayGuard(window=1, max_sources=3)
+    for i in range(10):
+        guard.check(f"w{i}", "i", 1)
+    assert len(guard) == 3
+    guard.forget("w9")
+    assert len(guard) == 2
+    with pytest.raises(ConfigError):
+        ReplayGuard(window=0)
+
+
+def test_replay_guard_with_the_codec() -> None:
+    codec, guard = WireCodec(KEY), ReplayGuard()
+    frames = codec.encode(Message("t", "a", "b"), incarnation="inc", seq=1)
+    h = codec.decode_header(frames)
+    guard.check(h.source, h.incarnation, h.seq)
+    with pytest.raises(ReplayedFrame):  # the same frames again
+        h2 = codec.decode_header(frames)
+        guard.check(h2.source, h2.incarnation, h2.seq)

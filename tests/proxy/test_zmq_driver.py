@@ -1,0 +1,498 @@
+"""Drivers: one behavioural suite run against ZmqDriver and InMemoryDriver, then ZeroMQ-only fault tests
+with real peer processes (SIGKILL, SIGSTOP, restart). Sockets on 127.0.0.1 only; readiness is always an
+event under a deadline, never a sleep."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from rallypoint.engine import Message
+from rallypoint.errors import ConfigError, PeerUnreachable, ProxyClosed, Timeout
+from rallypoint.proxy._driver import Driver, DriverEvent, InMemoryNetwork
+from rallypoint.proxy._wire import WireCodec
+from rallypoint.proxy._zmq import ZmqDriver
+
+pytestmark = pytest.mark.timeout(20)
+
+HB = dict(heartbeat_ivl=0.1, heartbeat_timeout=0.4)  # fast failure detection for tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Drivers:
+    """Makes drivers of one kind and closes them all at teardown."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.network = InMemoryNetwork()
+        self.made: list[Driver] = []
+
+    def __call__(self, **kwargs: object) -> Driver:
+        d: Driver = ZmqDriver(linger=0, **{**HB, **kwargs}) if self.kind == "zmq" else self.network.driver()
+        self.made.append(d)
+        return d
+
+    def dead_address(self) -> str:
+        """An address where nothing listens (a connect there never comes up)."""
+        return f"tcp://127.0.0.1:{free_port()}" if self.kind == "zmq" else "inmem://999999"
+
+    def crash(self, driver: Driver) -> None:
+        """The peer vanishes: close (zmq: its sockets close, the kernel resets the connection) or kill."""
+        if self.kind == "zmq":
+            driver.close(0)
+        else:
+            self.network.kill(driver.address)
+
+
+@pytest.fixture(params=["zmq", "inmem"])
+def drivers(request: pytest.FixtureRequest) -> Iterator[Drivers]:
+    made = Drivers(request.param)
+    yield made
+    for d in made.made:
+        d.close(0)
+
+
+def wait_for(driver: Driver, kind: str, peer: str | None = None, timeout: float = 5.0) -> DriverEvent:
+    """Poll until an event of `kind` (for `peer`) arrives; fail at the deadline. Other events are dropped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"no {kind!r} event for {peer!r} within {timeout}s")
+        for event in driver.poll(left):
+            if event.kind == kind and (peer is None or event.peer == peer):
+                return event
+
+
+def pair(drivers: Drivers) -> tuple[Driver, Driver]:
+    """Two bound drivers, each connected to the other as "a"/"b", both channels up."""
+    a, b = drivers(), drivers()
+    a_addr, b_addr = a.bind("127.0.0.1"), b.bind("127.0.0.1")
+    a.connect("b", b_addr)
+    b.connect("a", a_addr)
+    assert a.wait_up(["b"], 5.0) == set() and b.wait_up(["a"], 5.0) == set()
+    return a, b
+
+
+# ---------------------------------------------------------------------------- behaviour (both drivers)
+
+
+def test_bind_sets_the_address(drivers: Drivers) -> None:
+    d = drivers()
+    address = d.bind("127.0.0.1")
+    assert address == d.address
+    assert address.startswith("tcp://127.0.0.1:" if drivers.kind == "zmq" else "inmem://")
+
+
+def test_connect_reports_up_once(drivers: Drivers) -> None:
+    a, b = drivers(), drivers()
+    b_addr = b.bind("127.0.0.1")
+    a.bind("127.0.0.1")
+    a.connect("b", b_addr)
+    a.connect("b", b_addr)  # idempotent
+    assert wait_for(a, "up", "b").peer == "b"
+    assert a.is_up("b") and not a.is_up("nobody")
+    assert a.poll(0.05) == []  # no second "up"
+
+
+def test_send_and_poll_both_ways(drivers: Drivers) -> None:
+    a, b = pair(drivers)
+    a.send("b", [b"header", b"payload"], timeout=1.0)
+    b.send("a", [b"reply"], timeout=0)  # timeout 0 is "don't wait", and the channel is up
+    assert [bytes(f) for f in wait_for(b, "frames").frames or []] == [b"header", b"payload"]
+    assert [bytes(f) for f in wait_for(a, "frames").frames or []] == [b"reply"]
+
+
+def test_many_messages_arrive_in_order(drivers: Drivers) -> None:
+    a, b = pair(drivers)
+    for i in range(500):
+        a.send("b", [b"%d" % i], timeout=1.0)
+    got: list[int] = []
+    deadline = time.monotonic() + 5
+    while len(got) < 500 and time.monotonic() < deadline:
+        got += [int(bytes(e.frames[0])) for e in b.poll(1.0) if e.kind == "frames" and e.frames]
+    assert got == list(range(500))
+
+
+def test_send_to_unknown_peer_is_unreachable_at_once(drivers: Drivers) -> None:
+    a = drivers()
+    a.bind("127.0.0.1")
+    t = time.monotonic()
+    with pytest.raises(PeerUnreachable) as info:
+        a.send("ghost", [b"x"], timeout=5.0)
+    assert info.value.peer == "ghost" and time.monotonic() - t < 0.5
+
+
+def test_send_to_a_peer_that_never_comes_up_is_unreachable_at_the_deadline(drivers: Drivers) -> None:
+    a = drivers()
+    a.bind("127.0.0.1")
+    a.connect("ghost", drivers.dead_address())
+    t = time.monotonic()
+    with pytest.raises(PeerUnreachable):
+        a.send("ghost", [b"x"], timeout=0.3)
+    assert 0.25 < time.monotonic() - t < 1.5
+    assert a.wait_up(["ghost"], 0.1) == {"ghost"}
+    assert a.wait_up([], None) == set()
+
+
+def test_wait_up_waits_for_a_late_binder(drivers: Drivers) -> None:
+    a, b = drivers(), drivers()
+    a.bind("127.0.0.1")
+    if drivers.kind == "zmq":
+        port = free_port()
+        a.connect("b", f"tcp://127.0.0.1:{port}")
+        assert a.wait_up(["b"], 0.1) == {"b"}
+        b.bind("127.0.0.1", port)  # libzmq keeps retrying; the handshake follows the bind
+    else:
+        a.connect("b", "inmem://4242")
+        assert a.wait_up(["b"], 0.1) == {"b"}
+        b.bind("any", 4242)
+    assert a.wait_up(["b"], 5.0) == set()
+    a.send("b", [b"late"], timeout=1.0)
+    assert wait_for(b, "frames").frames == [b"late"]
+
+
+def test_peer_that_closes_goes_down(drivers: Drivers) -> None:
+    a, b = pair(drivers)
+    a.poll(0)  # consume the "up"
+    t = time.monotonic()
+    drivers.crash(b)
+    wait_for(a, "down", "b", timeout=3.0)
+    assert time.monotonic() - t < 1.0  # a closed socket is noticed at once (no heartbeat needed)
+    assert not a.is_up("b")
+    with pytest.raises(PeerUnreachable):
+        a.send("b", [b"x"], timeout=0.1)
+
+
+def test_moving_a_peer_to_a_new_address(drivers: Drivers) -> None:
+    a = drivers()
+    a.bind("127.0.0.1")
+    old, new = drivers(), drivers()
+    old_addr, new_addr = old.bind("127.0.0.1"), new.bind("127.0.0.1")
+    a.connect("p", old_addr)
+    assert a.wait_up(["p"], 5.0) == set()
+    a.connect("p", new_addr)  # moves the channel: disconnect old, connect new
+    assert a.wait_up(["p"], 5.0) == set()
+    a.send("p", [b"to new"], timeout=1.0)
+    assert wait_for(new, "frames").frames == [b"to new"]
+    assert old.poll(0.1) == []
+
+
+def test_disconnect_closes_the_channel_quietly(drivers: Drivers) -> None:
+    a, b = pair(drivers)
+    a.poll(0)
+    a.disconnect("b")
+    a.disconnect("b")  # idempotent
+    assert not a.is_up("b")
+    with pytest.raises(PeerUnreachable):
+        a.send("b", [b"x"], timeout=0.1)
+    assert [e for e in a.poll(0.05) if e.kind == "down"] == []
+
+
+def test_wakeup_interrupts_poll_forever(drivers: Drivers) -> None:
+    a = drivers()
+    a.bind("127.0.0.1")
+    timer = threading.Timer(0.2, a.wakeup)
+    timer.start()
+    t = time.monotonic()
+    assert a.poll(None) == []
+    assert 0.15 < time.monotonic() - t < 2.0
+    timer.join()
+
+
+def test_wakeup_before_poll_makes_it_return(drivers: Drivers) -> None:
+    a = drivers()
+    a.bind("127.0.0.1")
+    a.wakeup()
+    a.wakeup()
+    t = time.monotonic()
+    assert a.poll(5.0) == []
+    assert time.monotonic() - t < 1.0
+    t = time.monotonic()
+    assert a.poll(0.1) == []  # the wakeups were consumed
+    assert time.monotonic() - t >= 0.09
+
+
+def test_poll_timeout_zero_does_not_wait(drivers: Drivers) -> None:
+    a = drivers()
+    a.bind("127.0.0.1")
+    t = time.monotonic()
+    assert a.poll(0) == []
+    assert time.monotonic() - t < 0.2
+
+
+def test_close_is_idempotent_and_final(drivers: Drivers) -> None:
+    a, b = pair(drivers)
+    a.close()
+    a.close()
+    a.wakeup()  # harmless after close
+    assert not a.is_up("b")
+    with pytest.raises(ProxyClosed):
+        a.send("b", [b"x"], timeout=0)
+    with pytest.raises(ProxyClosed):
+        a.poll(0)
+
+
+def test_binding_twice_is_an_error(drivers: Drivers) -> None:
+    a = drivers()
+    a.bind("127.0.0.1")
+    with pytest.raises(ConfigError):
+        a.bind("127.0.0.1")
+
+
+def test_codec_frames_round_trip_through_the_driver(drivers: Drivers) -> None:
+    a, b = pair(drivers)
+    codec = WireCodec(b"key")
+    arr = np.arange(200_000, dtype=np.float32)
+    a.send("b", codec.encode(Message("grad", "a", "b", {"w": arr}), incarnation="i", seq=1), timeout=2.0)
+    frames = wait_for(b, "frames").frames
+    assert frames is not None
+    out = codec.decode(frames).payload
+    assert np.array_equal(out["w"], arr)
+
+
+def test_in_memory_driver_satisfies_the_protocol() -> None:
+    assert isinstance(InMemoryNetwork().driver(), Driver)
+    with ZmqDriver() as z:
+        assert isinstance(z, Driver)
+
+
+# ------------------------------------------------------------------------------------ ZeroMQ only
+
+
+@pytest.fixture
+def zmq_drivers() -> Iterator[Drivers]:
+    made = Drivers("zmq")
+    yield made
+    for d in made.made:
+        d.close(0)
+
+
+def test_big_frames_arrive_as_memoryviews_small_as_bytes(zmq_drivers: Drivers) -> None:
+    a, b = pair(zmq_drivers)
+    big = os.urandom(1 << 20)
+    a.send("b", [b"small", big], timeout=2.0)
+    frames = wait_for(b, "frames").frames
+    assert frames is not None
+    assert type(frames[0]) is bytes and isinstance(frames[1], memoryview)
+    assert frames[1] == big
+
+
+def test_full_queue_times_out(zmq_drivers: Drivers) -> None:
+    a = zmq_drivers(sndhwm=1)
+    b = zmq_drivers(rcvhwm=1)
+    a.bind("127.0.0.1")
+    a.connect("b", b.bind("127.0.0.1"))  # b never polls: its queue and the TCP buffers fill up
+    assert a.wait_up(["b"], 5.0) == set()
+    chunk = b"x" * (1 << 20)
+    with pytest.raises(Timeout) as info:
+        for _ in range(500):
+            a.send("b", [chunk], timeout=0.2)
+    assert info.value.missing == ("b",)
+
+
+def test_close_with_unsent_messages_to_a_frozen_peer_is_prompt(zmq_drivers: Drivers) -> None:
+    a = ZmqDriver(linger=0.2, heartbeat_ivl=5.0, heartbeat_timeout=10.0)  # no heartbeat rescue
+    b = zmq_drivers(rcvhwm=1)  # never polls: stands in for a frozen peer
+    a.bind("127.0.0.1")
+    a.connect("b", b.bind("127.0.0.1"))
+    assert a.wait_up(["b"], 5.0) == set()
+    for _ in range(40):
+        a.send("b", [b"y" * (1 << 20)], timeout=1.0)  # 40 MB: far more than b will take in
+    t = time.monotonic()
+    a.close()
+    assert time.monotonic() - t < 1.0
+
+
+def test_a_bad_frame_does_not_corrupt_the_next_message(zmq_drivers: Drivers) -> None:
+    a, b = pair(zmq_drivers)
+    with pytest.raises(ConfigError):
+        a.send("b", [b"ok", 12345, b"never"], timeout=1.0)  # type: ignore[list-item]
+    a.send("b", [b"next"], timeout=1.0)
+    messages: list[list] = []
+    while not any(b"next" in m for m in messages):
+        messages += [e.frames for e in b.poll(2.0) if e.kind == "frames" and e.frames is not None]
+    assert messages[-1] == [b"next"]  # the stub [b"ok", b""] may come first; it is never glued on
+
+
+def test_address_in_use_is_a_transport_error(zmq_drivers: Drivers) -> None:
+    a, b = zmq_drivers(), zmq_drivers()
+    port = int(a.bind("127.0.0.1").rsplit(":", 1)[1])
+    with pytest.raises(Exception) as info:
+        b.bind("127.0.0.1", port)
+    assert "zmq" not in type(info.value).__module__
+    with pytest.raises(ConfigError):
+        b.connect("x", "not-an-endpoint")
+
+
+def test_zmq_errors_never_escape_the_driver(zmq_drivers: Drivers) -> None:
+    import zmq
+
+    a = zmq_drivers()
+    a.bind("127.0.0.1")
+    for call in (lambda: a.send("nobody", [b"x"], timeout=0), lambda: a.connect("p", "bogus://x")):
+        with pytest.raises(Exception) as info:
+            call()
+        assert not isinstance(info.value, zmq.ZMQError)
+
+
+def test_wildcard_bind_advertises_a_reachable_host(zmq_drivers: Drivers) -> None:
+    a = zmq_drivers(advertise_host="127.0.0.1")
+    address = a.bind("0.0.0.0")
+    assert address.startswith("tcp://127.0.0.1:")
+    b = zmq_drivers()
+    b.bind("127.0.0.1")
+    b.connect("a", address)
+    b.send("a", [b"hi"], timeout=2.0)
+    assert wait_for(a, "frames").frames == [b"hi"]
+
+
+# ------------------------------------------------------------------- real peer processes (ZeroMQ)
+
+PEER_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, sys
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG: die with the test process
+    except OSError:
+        pass
+    from rallypoint.proxy._zmq import ZmqDriver
+    parent, port = sys.argv[1], int(sys.argv[2])
+    d = ZmqDriver(heartbeat_ivl=0.1, heartbeat_timeout=0.4, linger=0)
+    address = d.bind("127.0.0.1", port)
+    d.connect("parent", parent)
+    d.wait_up(["parent"], 10.0)
+    print(address, flush=True)
+    while True:
+        for event in d.poll(None):
+            if event.kind == "frames":
+                d.send("parent", [b"echo"] + [bytes(f) for f in event.frames], timeout=5.0)
+    """
+)
+
+
+class Peer:
+    """An echo peer in a child process: prints its address once its channel to us is up."""
+
+    def __init__(self, parent_address: str, port: int = 0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PEER_SCRIPT, parent_address, str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 15.0)
+        line = self.proc.stdout.readline().decode().strip() if ready else ""
+        if not line.startswith("tcp://"):
+            self.proc.kill()
+            err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+            pytest.fail(f"peer process did not start: {line!r}\n{err}")
+        self.address = line
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Peer]]:
+    peers: list[Peer] = []
+
+    def make(parent_address: str, port: int = 0) -> Peer:
+        peer = Peer(parent_address, port)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for p in peers:
+        with_cont = p.proc.poll() is None
+        if with_cont:
+            p.signal(signal.SIGCONT)
+        p.kill()
+
+
+def echo(driver: Driver, peer: str, payload: bytes) -> None:
+    driver.send(peer, [payload], timeout=5.0)
+    frames = wait_for(driver, "frames").frames
+    assert frames == [b"echo", payload]
+
+
+def test_killed_peer_goes_down_promptly_and_a_restart_comes_back_up(
+    zmq_drivers: Drivers, spawn: Callable[..., Peer]
+) -> None:
+    me = zmq_drivers()
+    address = me.bind("127.0.0.1")
+    first = spawn(address)
+    me.connect("p", first.address)
+    assert me.wait_up(["p"], 5.0) == set()
+    echo(me, "p", b"one")
+
+    t = time.monotonic()
+    first.signal(signal.SIGKILL)
+    wait_for(me, "down", "p", timeout=5.0)
+    down_after = time.monotonic() - t
+    assert down_after < 1.0, down_after  # the kernel resets the connection: no heartbeat wait
+
+    second = spawn(address)  # restarted on a new port; it reconnects to us on its own
+    assert second.address != first.address
+    me.connect("p", second.address)
+    t = time.monotonic()
+    wait_for(me, "up", "p", timeout=5.0)
+    assert time.monotonic() - t < 1.0
+    echo(me, "p", b"two")  # both directions flow again
+
+
+def test_peer_restarted_on_the_same_port_reconnects_by_itself(
+    zmq_drivers: Drivers, spawn: Callable[..., Peer]
+) -> None:
+    me = zmq_drivers()
+    address = me.bind("127.0.0.1")
+    first = spawn(address)
+    port = int(first.address.rsplit(":", 1)[1])
+    me.connect("p", first.address)
+    assert me.wait_up(["p"], 5.0) == set()
+    first.signal(signal.SIGKILL)
+    wait_for(me, "down", "p", timeout=5.0)
+    first.kill()
+    spawn(address, port)  # same address: libzmq's reconnect finds it, no connect() needed
+    wait_for(me, "up", "p", timeout=5.0)
+    echo(me, "p", b"again")
+
+
+def test_frozen_peer_goes_down_within_the_heartbeat_timeout(
+    zmq_drivers: Drivers, spawn: Callable[..., Peer]
+) -> None:
+    me = zmq_drivers(heartbeat_ivl=0.1, heartbeat_timeout=0.3)
+    address = me.bind("127.0.0.1")
+    peer = spawn(address)
+    me.connect("p", peer.address)
+    assert me.wait_up(["p"], 5.0) == set()
+    echo(me, "p", b"alive")
+    t = time.monotonic()
+    peer.signal(signal.SIGSTOP)  # the process and its libzmq I/O thread freeze; TCP stays open
+    wait_for(me, "down", "p", timeout=5.0)
+    frozen_after = time.monotonic() - t
+    assert 0.2 < frozen_after < 1.5, frozen_after  # ~ heartbeat_ivl + heartbeat_timeout
+    peer.signal(signal.SIGCONT)
+    wait_for(me, "up", "p", timeout=5.0)  # thawed: libzmq reconnects, the channel is back
+    echo(me, "p", b"thawed")
