@@ -137,6 +137,19 @@ class _Channel:
         self.endpoints = endpoints
 
 
+_CURVE_MARK = "#curve="
+
+
+def _split_curve(address: str) -> tuple[str, bytes | None]:
+    """`tcp://h:p#curve=KEY` -> ("tcp://h:p", KEY); a plain endpoint -> (endpoint, None)."""
+    endpoint, mark, key = address.partition(_CURVE_MARK)
+    if not mark:
+        return address, None
+    if len(key) != 40:
+        raise ConfigError(f"bad CURVE public key in address {address!r}: want 40 Z85 characters")
+    return endpoint, key.encode("ascii")
+
+
 class ZmqDriver:
     """A Driver over ZeroMQ (tcp): one inbound ROUTER, one outbound ROUTER, ZMTP heartbeats, a monitor.
 
@@ -155,6 +168,11 @@ class ZmqDriver:
     frame accepted (libzmq drops the connection of a peer that sends more). reconnect_ivl: how often libzmq
     retries a broken channel (a peer restarted at the same address comes back "up" by itself).
     advertise_host: the host put in `address` when binding a wildcard host (default: this host's name).
+    curve: encrypt every connection with CurveZMQ (for untrusted networks). This driver then makes a key
+    pair, and its `address` carries the public key (`tcp://host:port#curve=<z85 key>`), so the registry
+    hands it to peers with the address; a connection is only set up to a peer that proves it holds the
+    secret key of the address it advertised. Incoming connections are not filtered by client key: every
+    frame is authenticated by the wire MAC anyway. All members of a group must agree on `curve`.
 
     All methods are for the owner's thread, except `wakeup()` (any thread, or a signal handler).
     """
@@ -172,7 +190,10 @@ class ZmqDriver:
         reconnect_ivl: float = 0.1,
         copy_threshold: int = zmq.COPY_THRESHOLD,
         advertise_host: str | None = None,
+        curve: bool = False,
     ) -> None:
+        if curve and not zmq.has("curve"):
+            raise ConfigError("this libzmq was built without CURVE support")
         for name, value in (("heartbeat_ivl", heartbeat_ivl), ("heartbeat_timeout", heartbeat_timeout),
                             ("reconnect_ivl", reconnect_ivl)):
             if not value > 0:
@@ -189,6 +210,7 @@ class ZmqDriver:
         self._max_message_bytes = max_message_bytes
         self._copy_threshold = copy_threshold
         self._advertise_host = advertise_host
+        self._curve: tuple[bytes, bytes] | None = zmq.curve_keypair() if curve else None
         self._own_context = context is None
         self._ctx = zmq.Context() if context is None else context
         self._in: zmq.Socket[Any] | None = None
@@ -210,6 +232,9 @@ class ZmqDriver:
             out.setsockopt(zmq.RECONNECT_IVL, _ms_option(reconnect_ivl))
             self._heartbeats(out)
             out.copy_threshold = copy_threshold
+            if self._curve is not None:
+                out.setsockopt(zmq.CURVE_PUBLICKEY, self._curve[0])
+                out.setsockopt(zmq.CURVE_SECRETKEY, self._curve[1])
             # Our own monitor PAIR rather than get_monitor_socket(): RCVHWM=0 so no up/down event is ever
             # dropped however long the owner goes without polling (libzmq drops events on a full pipe).
             endpoint = f"inproc://rallypoint-monitor-{os.getpid()}-{next(_monitor_ids)}"
@@ -262,6 +287,8 @@ class ZmqDriver:
         if host.strip("[]") in _WILDCARD_HOSTS:
             reach = self._advertise_host or socket.gethostname()
             endpoint = f"tcp://{reach}:{endpoint.rsplit(':', 1)[1]}"
+        if self._curve is not None:
+            endpoint += _CURVE_MARK + self._curve[0].decode("ascii")
         self._in = sock
         self._poller.register(sock, _POLLIN)
         self.address = endpoint
@@ -277,6 +304,9 @@ class ZmqDriver:
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
             if ipv6:
                 sock.setsockopt(zmq.IPV6, 1)
+            if self._curve is not None:
+                sock.setsockopt(zmq.CURVE_SERVER, 1)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve[1])
             self._heartbeats(sock)
             sock.bind(url)
 
@@ -298,11 +328,20 @@ class ZmqDriver:
         rid = f"{next(self._generation)}:{peer}".encode()
         if len(rid) > 255:
             raise ConfigError(f"peer name too long for a ZeroMQ routing id: {peer[:40]!r}...")
-        with _zmq_errors(f"cannot connect to {peer!r} at {address}", peer):
+        endpoint, server_key = _split_curve(address)
+        if (server_key is None) != (self._curve is None):
+            raise ConfigError(
+                f"{peer!r} at {endpoint} {'does not use' if server_key is None else 'uses'} CURVE and this "
+                f"driver {'does' if server_key is None else 'does not'}: all members of a group must agree"
+            )
+        with _zmq_errors(f"cannot connect to {peer!r} at {endpoint}", peer):
             self._out.setsockopt(zmq.CONNECT_ROUTING_ID, rid)
-            self._out.connect(address)
-            endpoints = {address.encode(), bytes(self._out.getsockopt(zmq.LAST_ENDPOINT))}
-        resolved = _resolved(address)
+            if server_key is not None:
+                # Read by libzmq at connect time, so one socket can talk to many servers, each its own key.
+                self._out.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+            self._out.connect(endpoint)
+            endpoints = {endpoint.encode(), bytes(self._out.getsockopt(zmq.LAST_ENDPOINT))}
+        resolved = _resolved(endpoint)
         if resolved is not None:
             endpoints.add(resolved.encode())
         self._peers[peer] = _Channel(address, rid, endpoints)
@@ -324,7 +363,7 @@ class ZmqDriver:
             if self._by_endpoint.get(ep) == peer:
                 del self._by_endpoint[ep]
         with contextlib.suppress(zmq.ZMQError):  # ENOENT: libzmq already forgot the endpoint
-            self._out.disconnect(channel.address)
+            self._out.disconnect(_split_curve(channel.address)[0])
 
     # ---------------------------------------------------------------------------------- liveness
 

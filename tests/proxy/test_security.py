@@ -1,0 +1,185 @@
+"""Hostile input and security options, against real ZeroMQ sockets and a real redis-server.
+
+No bytes from the network reach pickle unless authenticated; garbage, forged, replayed, unsigned and
+oversized frames are dropped, counted and logged, and the proxy keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+import redis
+import zmq
+from proxy_helpers import make_proxy, new_group
+
+from rallypoint import Message, SessionMessage
+from rallypoint.errors import ConfigError, RegistryError, Timeout
+from rallypoint.proxy import RedisRegistry, WireCodec
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def pair(registry_url):
+    group = new_group()
+    master = make_proxy(registry_url, group, "master", "master")
+    worker = make_proxy(registry_url, group, "worker", "worker_001", expected_peers={"master": 1})
+    yield master, worker, group
+    worker.close()
+    master.close()
+
+
+def _inject(address: str, frames_list: list[list[bytes]]) -> None:
+    """Send raw multipart messages to a proxy's listening socket, as a stranger on the network would."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 1000
+    try:
+        sock.connect(address.partition("#")[0])
+        for frames in frames_list:
+            sock.send_multipart(frames)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def _pump_until_dropped(proxy, count: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while proxy.stats.dropped_frames < count and time.monotonic() < deadline:
+        with pytest.raises(Timeout):
+            proxy.receive_once(timeout=0.05)
+    assert proxy.stats.dropped_frames >= count, proxy.stats
+
+
+def _frames(codec: WireCodec, message: Message, incarnation: str, seq: int) -> list[bytes]:
+    return [bytes(f) for f in codec.encode(message, incarnation=incarnation, seq=seq)]
+
+
+def test_garbage_and_truncated_frames_are_dropped_counted_and_logged(pair, caplog):
+    master, worker, _ = pair
+    good = _frames(WireCodec(os.urandom(32)), Message(tag="t", source="master", destination="worker_001"),
+                   master.incarnation, 1)
+    junk = [[b""], [b"\x00" * 7], [b"garbage", b"more"], good[:1], good[:-1], [good[0], b"x", good[-1]]]
+    with caplog.at_level(logging.WARNING, logger="rallypoint.proxy._proxy"):
+        _inject(worker._record.address, junk)
+        _pump_until_dropped(worker, len(junk))
+    assert "dropped a frame" in caplog.text
+    # ... and the receive loop goes on: a real message still arrives.
+    master.isend(Message(tag="ok", source="master", destination="worker_001", payload=1))
+    assert worker.receive_once(timeout=5).payload == 1
+
+
+def test_forged_frames_signed_with_another_key_never_reach_pickle(pair, monkeypatch):
+    master, worker, _ = pair
+    import pickle
+
+    unpickled: list[object] = []
+    real_loads = pickle.loads
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: unpickled.append(a) or real_loads(*a, **k))
+    forged = _frames(WireCodec(os.urandom(32)),
+                     Message(tag="evil", source="master", destination="worker_001", payload={"rm": "-rf"}),
+                     master.incarnation, 10**6)
+    _inject(worker._record.address, [forged])
+    _pump_until_dropped(worker, 1)
+    assert unpickled == []
+
+
+def test_replayed_and_misdirected_frames_are_dropped(pair, registry_url):
+    master, worker, group = pair
+    key = RedisRegistry(registry_url).group_key(group)
+    codec = WireCodec(key)
+    genuine = _frames(codec, Message(tag="once", source="master", destination="worker_001", payload="x"),
+                      master.incarnation, 10**9)
+    _inject(worker._record.address, [genuine, genuine])
+    assert worker.receive_once(timeout=5).tag == "once"  # the first copy is genuine
+    _pump_until_dropped(worker, 1)  # the replay is not
+    elsewhere = _frames(codec, Message(tag="x", source="master", destination="someone_else"),
+                        master.incarnation, 10**9 + 1)
+    _inject(worker._record.address, [elsewhere])
+    _pump_until_dropped(worker, 2)
+    stranger = _frames(codec, Message(tag="x", source="ghost", destination="worker_001"), "f" * 32, 1)
+    _inject(worker._record.address, [stranger])
+    _pump_until_dropped(worker, 3)
+
+
+def test_unsigned_frames_are_dropped(pair):
+    master, worker, _ = pair
+    unsigned = _frames(WireCodec(None), Message(tag="x", source="master", destination="worker_001"),
+                       master.incarnation, 10**9)
+    _inject(worker._record.address, [unsigned])
+    _pump_until_dropped(worker, 1)
+
+
+def test_oversized_messages_are_refused_and_the_proxy_keeps_serving(registry_url):
+    group = new_group()
+    with make_proxy(registry_url, group, "master", "master") as master, \
+            make_proxy(registry_url, group, "worker", "worker_001", expected_peers={"master": 1},
+                       max_message_bytes=64 * 1024) as worker:
+        _inject(worker._record.address, [[b"\x00" * 200_000]])
+        master.isend(Message(tag="small", source="master", destination="worker_001", payload=1))
+        assert worker.receive_once(timeout=5).tag == "small"
+
+
+def test_curve_encrypted_group_works_and_plain_members_are_refused(registry_url):
+    group = new_group()
+    with make_proxy(registry_url, group, "master", "master", curve=True) as master, \
+            make_proxy(registry_url, group, "worker", "worker_001", expected_peers={"master": 1},
+                       curve=True) as worker:
+        assert "#curve=" in worker._record.address
+        [sid] = master.isend(SessionMessage(tag="sum", source="master", destination="worker_001", payload=[1]))
+        got = worker.receive_once(timeout=5)
+        worker.reply(got, payload=1)
+        assert master.receive_by_id([sid], timeout=5)[0].payload == 1
+        # A plain ZeroMQ client cannot complete the handshake: nothing it sends is even seen.
+        _inject(worker._record.address, [[b"plain"]])
+        with pytest.raises(Timeout):
+            worker.receive_once(timeout=0.3)
+        assert worker.stats.dropped_frames == 0
+        with pytest.raises(ConfigError, match="CURVE"):
+            make_proxy(registry_url, group, "worker", "worker_plain", expected_peers={"master": 1})
+
+
+def test_msgpack_codec_carries_plain_data_and_refuses_pickle_only_payloads(registry_url):
+    group = new_group()
+    with make_proxy(registry_url, group, "master", "master", codec="msgpack") as master, \
+            make_proxy(registry_url, group, "worker", "worker_001", expected_peers={"master": 1},
+                       codec="msgpack") as worker:
+        master.isend(Message(tag="d", source="master", destination="worker_001",
+                             payload={"a": [1, 2.5, "x", b"\x00", None, True]}))
+        assert worker.receive_once(timeout=5).payload == {"a": [1, 2.5, "x", b"\x00", None, True]}
+        with pytest.raises(ConfigError):
+            master.isend(Message(tag="d", source="master", destination="worker_001", payload={1, 2}))
+
+
+def test_registry_password_is_honoured_and_never_shown(redis_server_factory, caplog):
+    server = redis_server_factory(password="s3cret-pw")
+    if getattr(server, "embedded", False):
+        pytest.skip("the embedded registry has no passwords")
+    port = server.port
+    with make_proxy(f"redis://:s3cret-pw@127.0.0.1:{port}/0", new_group(), "solo") as proxy:
+        assert proxy.peers == {}
+    with caplog.at_level(logging.DEBUG), pytest.raises(RegistryError) as info:
+        make_proxy(f"redis://:wrong-pw@127.0.0.1:{port}/0", new_group(), "solo")
+    assert "wrong-pw" not in str(info.value) and "wrong-pw" not in caplog.text
+    assert "s3cret-pw" not in caplog.text
+
+
+def test_a_loopback_registry_means_a_loopback_bind(pair):
+    master, worker, _ = pair
+    assert master._record.address.startswith("tcp://127.0.0.1:")
+    assert worker._record.address.startswith("tcp://127.0.0.1:")
+
+
+def test_malformed_registry_entries_do_not_stop_a_join(registry_url):
+    group = new_group()
+    client = redis.Redis.from_url(registry_url)
+    client.sadd(f"rallypoint:{group}:members", "bogus", "worse")
+    client.set(f"rallypoint:{group}:peer:bogus", b"\xff not json", px=10_000)
+    client.set(f"rallypoint:{group}:peer:worse", '{"name": "worse", "address": 5}', px=10_000)
+    with make_proxy(registry_url, group, "master", "master") as master, \
+            make_proxy(registry_url, group, "worker", "worker_001", expected_peers={"master": 1}):
+        master._refresh_members_now()
+        assert master.peers == {"worker": ["worker_001"]}
