@@ -6,6 +6,7 @@ except waiting for the next incoming message, which is what a receive loop is fo
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -99,8 +100,12 @@ class HoldPolicy:
 
 
 def deadline_after(timeout: float | None) -> float | None:
-    """Monotonic deadline for a timeout (`None` stays `None`: no deadline)."""
-    return None if timeout is None else time.monotonic() + timeout
+    """The monotonic deadline `timeout` seconds from now (`None`: no deadline)."""
+    if timeout is None:
+        return None
+    if timeout < 0 or math.isnan(timeout):
+        raise ConfigError(f"timeout must be >= 0 or None, got {timeout!r}")
+    return time.monotonic() + timeout
 
 
 def time_left(deadline: float | None) -> float | None:

@@ -15,14 +15,14 @@ to a new address, which the caller asked for.
 from __future__ import annotations
 
 import itertools
-import math
 import threading
-import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from rallypoint.errors import ConfigError, PeerUnreachable, ProxyClosed, Timeout, TransportError
+
+from ._config import deadline_after, time_left
 
 __all__ = ["Driver", "DriverEvent", "InMemoryDriver", "InMemoryNetwork"]
 
@@ -98,25 +98,6 @@ class Driver(Protocol):
     def close(self, linger: float = 0.2) -> None:
         """Release everything, giving unsent frames at most `linger` seconds; idempotent and prompt."""
         ...
-
-
-# ------------------------------------------------------------------------------- deadline helpers
-
-
-def deadline_after(timeout: float | None) -> float | None:
-    """The monotonic deadline `timeout` seconds from now (None: no deadline)."""
-    if timeout is None:
-        return None
-    if timeout < 0 or math.isnan(timeout):
-        raise ConfigError(f"timeout must be >= 0 or None, got {timeout!r}")
-    return time.monotonic() + timeout
-
-
-def time_left(deadline: float | None) -> float | None:
-    """Seconds until `deadline` (never negative), or None for no deadline."""
-    if deadline is None:
-        return None
-    return max(0.0, deadline - time.monotonic())
 
 
 # --------------------------------------------------------------------------------- in-memory driver

@@ -63,7 +63,8 @@ import zmq
 
 from rallypoint.errors import ConfigError, PeerUnreachable, ProxyClosed, Timeout, TransportError
 
-from ._driver import DriverEvent, deadline_after, time_left
+from ._config import deadline_after, time_left
+from ._driver import DriverEvent
 
 __all__ = ["ZmqDriver"]
 

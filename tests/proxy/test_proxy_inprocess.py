@@ -29,18 +29,8 @@ from rallypoint.proxy import Proxy, Timeouts
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-def pair(registry_url):
-    group = new_group()
-    master = make_proxy(registry_url, group, "master", "master")
-    worker = make_proxy(registry_url, group, "worker", "worker_001", expected_peers={"master": 1})
-    yield master, worker
-    worker.close()
-    master.close()
-
-
 def test_isend_then_receive_and_reply_round_trip(pair):
-    master, worker = pair
+    master, worker, _ = pair
     task = SessionMessage(tag="sum", source="master", destination="worker_001", payload=[1, 2, 3])
     [session_id] = master.isend(task)
     assert session_id == task.session_id
@@ -60,7 +50,7 @@ def test_isend_then_receive_and_reply_round_trip(pair):
 
 
 def test_notification_stages_and_send_returns_without_reply(pair):
-    master, worker = pair
+    master, worker, _ = pair
     note = SessionMessage(tag="check_out", source="master", destination="worker_001",
                           session_type=SessionType.NOTIFICATION)
     assert master.send(note, timeout=5) == []  # nothing to wait for
@@ -70,7 +60,7 @@ def test_notification_stages_and_send_returns_without_reply(pair):
 
 
 def test_receive_by_id_keeps_other_sessions_for_receive(pair):
-    master, worker = pair
+    master, worker, _ = pair
     ids = [master.isend(SessionMessage(tag="n", source="master", destination="worker_001", payload=i))[0]
            for i in range(5)]
     for _ in range(5):
@@ -82,7 +72,7 @@ def test_receive_by_id_keeps_other_sessions_for_receive(pair):
 
 
 def test_receive_by_id_times_out_naming_the_missing_session(pair):
-    master, worker = pair
+    master, worker, _ = pair
     [sid] = master.isend(Message(tag="q", source="master", destination="worker_001"))
     started = time.monotonic()
     with pytest.raises(Timeout) as info:
@@ -93,7 +83,7 @@ def test_receive_by_id_times_out_naming_the_missing_session(pair):
 
 
 def test_receive_once_times_out_and_receive_iterator_stops_when_idle(pair):
-    master, _ = pair
+    master, _, _ = pair
     with pytest.raises(Timeout):
         master.receive_once(timeout=0.1)
     assert list(master.receive(timeout=0.1)) == []
@@ -134,7 +124,7 @@ def test_forward_keeps_the_session_and_the_reply_comes_back_to_the_forwarder(reg
 
 
 def test_numpy_and_bytes_payloads_arrive_intact(pair):
-    master, worker = pair
+    master, worker, _ = pair
     array = np.arange(1_000_000, dtype=np.float64).reshape(1000, 1000)
     blob = bytes(range(256)) * 1000
     master.isend(Message(tag="data", source="master", destination="worker_001",
@@ -149,7 +139,7 @@ class Tag(Enum):
 
 
 def test_enum_tags_travel_by_value(pair):
-    master, worker = pair
+    master, worker, _ = pair
     master.isend(Message(tag=Tag.UPDATE, source="master", destination="worker_001"))
     assert worker.receive_once(timeout=5).tag == "update"
 
@@ -173,7 +163,7 @@ def test_registry_down_at_start_is_a_registry_error(redis_server):
 
 
 def test_sending_to_a_stranger_is_peer_unreachable(pair):
-    master, _ = pair
+    master, _, _ = pair
     with pytest.raises(PeerUnreachable) as info:
         master.isend(Message(tag="x", source="master", destination="nobody"))
     assert info.value.peer == "nobody"
@@ -210,13 +200,13 @@ def test_bad_arguments_are_config_errors(registry_url):
 
 
 def test_unknown_session_stage_is_a_typed_error(pair):
-    master, _ = pair
+    master, _, _ = pair
     with pytest.raises(UnknownSession):
         master.session_stage("no-such-session")
 
 
 def test_stop_from_another_thread_ends_receive(pair):
-    _, worker = pair
+    _, worker, _ = pair
     timer = threading.Timer(0.2, worker.stop)
     timer.start()
     started = time.monotonic()
@@ -243,7 +233,7 @@ def test_custom_session_type_from_a_spec_file(pair, tmp_path):
     from rallypoint.engine import load_spec
 
     load_spec(str(spec))
-    master, worker = pair
+    master, worker, _ = pair
     [sid] = master.isend(SessionMessage(tag="tx", source="master", destination="worker_001",
                                         session_type="vote_commit", payload={"k": 1}))
     assert master.session_stage(sid) == "prepare"

@@ -22,16 +22,6 @@ from rallypoint.proxy import RedisRegistry, WireCodec
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-def pair(registry_url):
-    group = new_group()
-    master = make_proxy(registry_url, group, "master", "master")
-    worker = make_proxy(registry_url, group, "worker", "worker_001", expected_peers={"master": 1})
-    yield master, worker, group
-    worker.close()
-    master.close()
-
-
 def _inject(address: str, frames_list: list[list[bytes]]) -> None:
     """Send raw multipart messages to a proxy's listening socket, as a stranger on the network would."""
     ctx = zmq.Context()
