@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
-from rallypoint.engine import Message, SessionMessage, SessionTracker, SessionType, catalog, load_spec
+from rallypoint.engine import Message, SessionMessage, SessionTracker, SessionType, Spec, catalog, load_spec
 from rallypoint.errors import (
     ConfigError,
     DeliveryRefused,
@@ -54,12 +54,14 @@ class ProxyState(Enum):
 class ProxyStats:
     """Counters a user (or a test) can read: what was sent, received, dropped, held."""
 
-    __slots__ = ("sent", "received", "dropped_frames", "held", "held_expired", "refused", "peers_lost")
+    __slots__ = ("sent", "received", "dropped_frames", "dropped_unclaimed", "held", "held_expired", "refused",
+                 "peers_lost")
 
     def __init__(self) -> None:
         self.sent = 0
         self.received = 0
         self.dropped_frames = 0
+        self.dropped_unclaimed = 0  # buffered messages nobody took before max_buffered was reached
         self.held = 0
         self.held_expired = 0
         self.refused = 0
@@ -184,6 +186,7 @@ class Proxy:
         liveness: Liveness | None = None,
         hold: HoldPolicy | None = None,
         codec: str = "pickle",
+        curve: bool = False,
         specs: Iterable[Any] = (),
         max_buffered: int = 100_000,
         max_message_bytes: int = 1 << 31,
@@ -203,15 +206,20 @@ class Proxy:
             raise ConfigError("max_buffered must be >= 1")
         self.max_buffered = max_buffered
         self.stats = ProxyStats()
-        for spec in specs:
-            load_spec(spec) if not hasattr(spec, "session_types") else None
+        for spec in specs:  # session types (and named rules) this proxy's messages may use
+            if isinstance(spec, Spec):
+                catalog.add_spec(spec, replace=False)
+            else:
+                load_spec(spec)
 
         if registry is not None and redis_address is not None:
             raise ConfigError("give registry= or redis_address=, not both")
         self._registry: Registry = registry_from(
             redis_address if redis_address is not None else registry, timeout=timeouts.registry
         )
-        self._driver: Driver = driver if driver is not None else self._default_driver(max_message_bytes)
+        if driver is not None and curve:
+            raise ConfigError("curve=True configures the default driver; pass ZmqDriver(curve=True) instead")
+        self._driver: Driver = driver if driver is not None else self._default_driver(max_message_bytes, curve)
         self._incarnation = uuid.uuid4().hex
         self._seq = 0
         self._tracker = SessionTracker()
@@ -240,7 +248,7 @@ class Proxy:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _default_driver(self, max_message_bytes: int) -> Driver:
+    def _default_driver(self, max_message_bytes: int, curve: bool) -> Driver:
         from ._zmq import ZmqDriver  # the only zmq-touching module; imported where the default is used
 
         return ZmqDriver(
@@ -248,6 +256,7 @@ class Proxy:
             heartbeat_timeout=self.liveness.heartbeat_timeout,
             linger=self.timeouts.close,
             max_message_bytes=max_message_bytes,
+            curve=curve,
         )
 
     def _join(self, host: str | None, port: int, codec: str, max_message_bytes: int) -> None:
@@ -693,6 +702,7 @@ class Proxy:
                 ids.remove(oldest.message_id)
                 if not ids:
                     del self._inbox_by_session[oldest.session_id]
+            self.stats.dropped_unclaimed += 1
             logger.error("%s: %d unclaimed messages buffered; dropped the oldest (%s)", self.name,
                          self.max_buffered, oldest.message_id)
         self._inbox[message.message_id] = message
@@ -754,17 +764,20 @@ class Proxy:
     def receive_once(self, timeout: float | None | Any = UNSET) -> Message:
         """The next incoming message; `Timeout` if none arrives in time (default: `timeouts.receive`)."""
         self._check_open()
-        deadline = deadline_after(self.timeouts.receive if timeout is UNSET else timeout)
+        limit = self.timeouts.receive if timeout is UNSET else timeout
+        deadline = deadline_after(limit)
+        polled = False  # timeout=0 still looks at the socket once
         while True:
             message = self._take()
             if message is not None:
                 return message
             left = time_left(deadline)
-            if left == 0:
-                raise Timeout(f"{self.name}: no message within {timeout}s")
+            if left == 0 and polled:
+                raise Timeout(f"{self.name}: no message within {limit}s")
             if self._stop_requested.is_set():
                 raise Timeout(f"{self.name}: stopped while waiting for a message")
             self._pump(left)
+            polled = True
 
     def receive(self, timeout: float | None | Any = UNSET) -> Iterator[Message]:
         """Yield incoming messages until `stop()`/`close()`, or until none came for `timeout` seconds."""
@@ -774,11 +787,13 @@ class Proxy:
         while not self._stop_requested.is_set() and self._state is ProxyState.OPEN:
             deadline = deadline_after(idle)
             message = self._take()
+            polled = False
             while message is None:
                 left = time_left(deadline)
-                if left == 0 or self._stop_requested.is_set() or self._state is not ProxyState.OPEN:
+                if (left == 0 and polled) or self._stop_requested.is_set() or self._state is not ProxyState.OPEN:
                     return
                 self._pump(left)
+                polled = True
                 message = self._take()
             yield message
 
@@ -792,7 +807,9 @@ class Proxy:
         """
         self._check_open()
         ids = [session_ids] if isinstance(session_ids, str) else list(session_ids)
-        deadline = deadline_after(self.timeouts.reply if timeout is UNSET else timeout)
+        limit = self.timeouts.reply if timeout is UNSET else timeout
+        deadline = deadline_after(limit)
+        polled = False
         got: dict[str, Message] = {}
         no_reply = {sid for sid in ids if sid not in self._awaiting and not self._expects_reply(sid)}
         while True:
@@ -812,13 +829,14 @@ class Proxy:
                 exc.replies = [got[sid] for sid in ids if sid in got]  # type: ignore[attr-defined]
                 raise exc
             left = time_left(deadline)
-            if left == 0:
+            if left == 0 and polled:
                 owners = sorted({self._awaiting.get(sid, "?") for sid in missing})
-                exc2 = Timeout(f"{self.name}: no reply within {timeout if timeout is not UNSET else self.timeouts.reply}s "
-                               f"for sessions {missing} (from {owners})", missing)
+                exc2 = Timeout(f"{self.name}: no reply within {limit}s for sessions {missing} (from {owners})",
+                               missing)
                 exc2.replies = [got[sid] for sid in ids if sid in got]  # type: ignore[attr-defined]
                 raise exc2
             self._pump(left)
+            polled = True
 
     def _expects_reply(self, session_id: str) -> bool:
         if session_id in self._inbox_by_session or session_id in self._failed:

@@ -244,3 +244,36 @@ def test_custom_session_type_from_a_spec_file(pair, tmp_path):
     [vote] = master.receive_by_id([sid], timeout=5)
     assert vote.payload == "yes"
     assert master.session_stage(sid) == "committed"
+
+
+def test_unclaimed_messages_are_bounded_and_what_goes_is_counted(registry_url, caplog):
+    group = new_group()
+    with make_proxy(registry_url, group, "master", "master") as master, \
+            make_proxy(registry_url, group, "worker", "worker_001", expected_peers={"master": 1},
+                       max_buffered=3) as worker:
+        ids = [master.isend(Message(tag="n", source="master", destination="worker_001", payload=i))[0]
+               for i in range(5)]
+        with caplog.at_level("ERROR"):
+            [last] = worker.receive_by_id([ids[4]], timeout=5)
+        assert last.payload == 4
+        assert worker.stats.dropped_unclaimed == 2 and "unclaimed" in caplog.text
+        assert [worker.receive_once(timeout=5).payload for _ in range(2)] == [2, 3]
+
+
+def test_zero_timeouts_still_look_at_the_socket_once(pair):
+    master, worker, _ = pair
+    [sid] = master.isend(Message(tag="n", source="master", destination="worker_001", payload=1))
+    deadline = time.monotonic() + 5
+    while True:  # the message is in flight: timeout=0 calls must pick it up once it has arrived
+        try:
+            message = worker.receive_once(timeout=0)
+            break
+        except Timeout:
+            assert time.monotonic() < deadline
+    worker.reply(message, payload=2)
+    while True:
+        try:
+            assert master.receive_by_id([sid], timeout=0)[0].payload == 2
+            break
+        except Timeout:
+            assert time.monotonic() < deadline
