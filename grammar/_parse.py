@@ -20,8 +20,8 @@ import hashlib
 import io
 import pickle
 import reprlib
-from importlib import resources
 from collections.abc import Iterable, Iterator, Sequence
+from importlib import resources
 from typing import Any, NoReturn
 
 import lark

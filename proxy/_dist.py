@@ -126,4 +126,8 @@ def _install_sigterm(stop: Callable[[], None]) -> Callable[[], None] | None:
         stop()
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore

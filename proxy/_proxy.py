@@ -673,7 +673,9 @@ class Proxy:
         self._absorb()
         for event in self._driver.poll(timeout):
             if event.kind == "frames":
-                self._on_frames(event.frames)
+                self._on_frames(event.frames or [])
+            elif event.peer is None:
+                continue
             elif event.kind == "down":
                 if event.peer in self._members and event.peer not in self._gone:
                     self._declare_gone(event.peer, "connection lost")

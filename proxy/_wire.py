@@ -381,7 +381,7 @@ class WireCodec:
         if isinstance(message, SessionMessage):
             flags |= FLAG_SESSION
             st = message.session_type
-            session_type = st.value if isinstance(st, SessionType) else str(st)
+            session_type: str | None = st.value if isinstance(st, SessionType) else str(st)
             stage = message.session_stage
             event = message.event
         else:

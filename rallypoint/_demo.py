@@ -42,7 +42,7 @@ def run_worker(registry: str, group: str, name: str) -> int:
             def __init__(self) -> None:
                 self.chunks_done = 0
 
-        worker = Worker()
+        worker: Any = Worker()  # @dist returns a new class; its launch() is not visible to type checkers
         worker.launch()
     return 0
 
@@ -67,7 +67,7 @@ def run_master(
 
         values = list(range(1, numbers + 1))
         chunks = [values[i::len(names)] for i in range(len(names))]
-        session_ids = proxy.iscatter("sum", SessionType.TASK, list(zip(names, chunks)))
+        session_ids = proxy.iscatter("sum", SessionType.TASK, list(zip(names, chunks, strict=True)))
         say(f"scattered {numbers} numbers in {len(chunks)} chunks")
 
         state = {"total": 0, "replies": 0}
@@ -107,7 +107,7 @@ def run_master(
 def demo(workers: int, numbers: int, registry: str | None, timeout: float,
          say: Callable[[str], None] = print) -> int:
     """Start a registry (unless given), N worker processes and the master; return the exit status."""
-    from rallypoint.proxy import EmbeddedRegistryServer
+    from rallypoint.proxy._embedded import EmbeddedRegistryServer
 
     if workers < 1:
         say("--workers must be at least 1")
@@ -157,7 +157,11 @@ def _worker_main(argv: list[str]) -> int:
     parser.add_argument("group")
     parser.add_argument("name")
     args = parser.parse_args(argv)
-    return run_worker(args.registry, args.group, args.name)
+    try:
+        return run_worker(args.registry, args.group, args.name)
+    except Error as exc:  # one line, as the master reports its own errors: not a traceback per worker
+        print(f"{args.name}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":
