@@ -23,7 +23,11 @@ from rallypoint.errors import ConfigError, Error, ParseError, RegistryError, Spe
 
 
 def _looks_like_spec(arg: str) -> bool:
-    return "{" in arg or "\n" in arg or Path(arg).is_file() or arg.endswith(".spec")
+    """Spec text, a spec file, a built-in spec name (`task`) or a one-line spec (`rule x = ...`)."""
+    from rallypoint.engine import builtin_spec_names
+
+    return ("{" in arg or "\n" in arg or "=" in arg or Path(arg).is_file() or arg.endswith(".spec")
+            or arg in builtin_spec_names())
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -101,7 +105,7 @@ def cmd_draw(args: argparse.Namespace) -> int:
 
 def cmd_registry(args: argparse.Namespace) -> int:
     """Serve the embedded Redis-protocol registry in the foreground until SIGINT/SIGTERM."""
-    from rallypoint.proxy import EmbeddedRegistryServer
+    from rallypoint.proxy._embedded import EmbeddedRegistryServer
 
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -122,6 +126,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run a master and N worker processes through a real job and check the result."""
     from rallypoint._demo import demo
 
+    if args.workers < 1:
+        print(f"error: --workers must be at least 1, not {args.workers}", file=sys.stderr)
+        return 2
+    if args.numbers < 0:
+        print(f"error: --numbers must be at least 0, not {args.numbers}", file=sys.stderr)
+        return 2
     return demo(args.workers, args.numbers, args.registry, args.timeout, say=lambda s: print(s, flush=True))
 
 
