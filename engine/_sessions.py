@@ -390,11 +390,18 @@ def load_spec(source: str | os.PathLike[str] | SpecFile, *, register: bool = Tru
     a conflict with an already registered, different definition raises ConfigError and registers nothing.
     """
     if isinstance(source, SpecFile):
-        spec_file = source
+        spec_file, text = source, ""
     else:
         text, origin = _read_source(source)
         spec_file = parse_spec(text, origin)
-    spec = _compile_spec(spec_file)
+    try:
+        spec = _compile_spec(spec_file)
+    except SpecError as exc:
+        if exc.context or not text:
+            raise
+        # Show where, as syntax errors do: the file, and the offending line with a caret.
+        raise SpecError(exc.reason, line=exc.line, column=exc.column, origin=spec_file.origin,
+                        text=text) from exc
     if register:
         catalog.add_spec(spec)
     return spec

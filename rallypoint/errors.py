@@ -108,14 +108,36 @@ class SpecSyntaxError(ParseError):
 
 
 class SpecError(Error, ValueError):
-    """A spec that parses but does not compile: unknown or unreachable state, duplicate name, ..."""
+    """A spec that parses but does not compile: unknown or unreachable state, duplicate name, ...
 
-    def __init__(self, message: str, *, line: int | None = None, column: int | None = None) -> None:
+    With the spec's `text`, the message also names its `origin` and shows the line with a caret.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        line: int | None = None,
+        column: int | None = None,
+        origin: str | None = None,
+        text: str = "",
+    ) -> None:
         self.line = line
         self.column = column
         self.reason = message
+        self.origin = origin
+        self.context = _caret(text, line, column) if text else ""
         where = f" (line {line}, column {column})" if line is not None else ""
-        super().__init__(f"{message}{where}")
+        prefix = f"{origin}: " if origin and not message.startswith(f"{origin}:") else ""
+        super().__init__(f"{prefix}{message}{where}" + (f"\n{self.context}" if self.context else ""))
+
+
+def _caret(text: str, line: int | None, column: int | None) -> str:
+    lines = text.splitlines()
+    if line is None or column is None or not 1 <= line <= len(lines):
+        return ""
+    source = lines[line - 1]
+    return f"{source}\n{' ' * (column - 1)}^"
 
 
 class UnknownRuleName(Error, KeyError):

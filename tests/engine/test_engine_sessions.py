@@ -311,3 +311,13 @@ def test_the_fast_table_agrees_with_the_machine_for_every_state_and_event(source
             assert kind.next_state(state, event) == expected, (state, event)
             session = kind.start("s", stage=state)
             assert session.may_trigger(event) is (expected is not None)
+
+
+def test_compile_errors_name_the_file_and_show_the_line_with_a_caret(tmp_path) -> None:
+    path = tmp_path / "bad.spec"
+    path.write_text("session s {\n  states a, b, c\n  initial a\n  a -> b on go\n}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(str(path), register=False)
+    assert (info.value.line, info.value.column) == (2, 16)
+    assert str(path) in str(info.value)
+    assert info.value.context == "  states a, b, c\n               ^"
