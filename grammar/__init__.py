@@ -18,7 +18,6 @@ from ._parse import parse_spec as parse_spec
 from ._parse import rule_from_tuple as rule_from_tuple
 
 __all__ = [
-    "WILDCARD",
     "And",
     "Expr",
     "Or",
@@ -27,6 +26,7 @@ __all__ = [
     "SpecFile",
     "TransitionDef",
     "Unit",
+    "WILDCARD",
     "as_rule",
     "parse_rule",
     "parse_spec",

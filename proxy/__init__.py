@@ -38,7 +38,6 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
-    "UNSET",
     "Driver",
     "DriverEvent",
     "EmbeddedRegistryServer",
@@ -53,6 +52,7 @@ __all__ = [
     "RedisRegistry",
     "Registry",
     "Timeouts",
+    "UNSET",
     "WireCodec",
     "ZmqDriver",
     "dist",
