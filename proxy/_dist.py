@@ -75,10 +75,10 @@ def dist(
 
             def launch(self, *, handle_sigterm: bool = True) -> None:
                 """Receive and dispatch until stopped; with `handle_sigterm`, SIGTERM stops it cleanly."""
-                self._stopped.clear()
                 restore = _install_sigterm(self.stop) if handle_sigterm else None
+                incoming = proxy.receive(timeout=None)
                 try:
-                    for message in proxy.receive(timeout=None):
+                    for message in incoming:
                         self._table.push(message)
                         for handler, messages in self._table.get():
                             self._call(handler, messages)
@@ -87,6 +87,8 @@ def dist(
                         if self._stopped.is_set():
                             break
                 finally:
+                    incoming.close()  # ends the receive loop now, consuming the stop request
+                    self._stopped.clear()
                     if restore is not None:
                         restore()
 

@@ -151,3 +151,24 @@ def test_named_rules_from_a_spec_and_bad_keys(pair, tmp_path):
         dist(worker, {})
     with pytest.raises(ConfigError):
         dist(worker, {"a:b:1": "not callable"})
+
+
+def test_a_stop_before_launch_is_not_lost_and_a_later_launch_runs_again(pair):
+    master, worker, _ = pair
+    seen = []
+
+    @dist(worker, {"master:go:1": lambda that, proxy, messages: (seen.append(1), proxy.stop())})
+    class Once:
+        pass
+
+    once = Once()
+    once.stop()
+    started = time.monotonic()
+    once.launch(handle_sigterm=False)  # returns at once: the stop came first
+    assert time.monotonic() - started < 1.0 and seen == []
+    master.isend(Message(tag="go", source="master", destination="worker_001"))
+    once.launch(handle_sigterm=False)  # the earlier stop was consumed: this one runs until the handler
+    assert seen == [1]
+    # after a stop, receive_once still returns what arrives (stop() is for loops only)
+    master.isend(Message(tag="later", source="master", destination="worker_001"))
+    assert worker.receive_once(timeout=5).tag == "later"

@@ -277,3 +277,19 @@ def test_zero_timeouts_still_look_at_the_socket_once(pair):
             break
         except Timeout:
             assert time.monotonic() < deadline
+
+
+def test_a_registry_object_handed_in_is_shared_not_closed():
+    from rallypoint.proxy import InMemoryDriver, InMemoryNetwork, InMemoryRegistry
+
+    registry, network = InMemoryRegistry(), InMemoryNetwork()
+    group = new_group()
+    master = Proxy(group_name=group, component_type="master", name="master", registry=registry,
+                   driver=network.driver())
+    worker = Proxy(group_name=group, component_type="worker", name="w1", registry=registry,
+                   driver=network.driver(), expected_peers={"master": 1})
+    assert isinstance(worker._driver, InMemoryDriver)
+    master.close()
+    assert registry.members(group).keys() == {"w1"}  # still usable after the first close
+    worker.close()
+    assert registry.members(group) == {}
