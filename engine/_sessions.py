@@ -21,7 +21,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Union
+from typing import Any, Union
 
 from transitions import Machine, State
 
@@ -213,7 +213,7 @@ def compile_session(defn: SessionDef) -> CompiledSessionType:
     """
     name = defn.name
     session_at: _Pos = (defn.line, defn.column)
-    where = {"line": defn.line, "column": defn.column}
+    where: dict[str, Any] = {"line": defn.line, "column": defn.column}
 
     declared: dict[str, _Pos] = {}
     positions: tuple[tuple[str, int | None, int | None], ...] = defn.state_positions or tuple(
@@ -248,7 +248,7 @@ def compile_session(defn: SessionDef) -> CompiledSessionType:
 
     edges: dict[tuple[str, str], str] = {}
     for t in defn.transitions:
-        at = {"line": t.line, "column": t.column} if t.line is not None else where
+        at: dict[str, Any] = {"line": t.line, "column": t.column} if t.line is not None else where
         for state in (*t.sources, t.dest):
             if state not in states:
                 raise SpecError(

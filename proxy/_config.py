@@ -66,6 +66,10 @@ class Liveness:
     of everyone's view after at most that long even if no connection to it notices. Connections notice
     much sooner: ZMTP heartbeats every `heartbeat` seconds, a peer silent for `heartbeat_timeout` is
     declared gone (a crashed process is usually noticed at once, by its closed TCP connection).
+    A frozen process or a cut link is declared gone within `detection` seconds (2.5 by default).
+
+        >>> Liveness().detection
+        2.5
     """
 
     lease: float = 3.0
@@ -81,22 +85,32 @@ class Liveness:
         if self.refresh >= self.lease:
             raise ConfigError("Liveness.refresh must be shorter than Liveness.lease")
 
+    @property
+    def detection(self) -> float:
+        """The longest a frozen peer or a cut link goes unnoticed: the next ping, then its timeout."""
+        return self.heartbeat + self.heartbeat_timeout
+
 
 @dataclass(frozen=True)
 class HoldPolicy:
     """What is kept for a peer that is gone, to deliver when it comes back under the same name.
 
     Past `max_messages` (per peer) a new message is refused with `DeliveryRefused`; a held message
-    older than `max_age` seconds is dropped, logged and counted when the peer comes back or on the
-    next send to it. `max_messages=0` turns holding off: sends to a gone peer fail at once.
+    older than `max_age` seconds is dropped, logged and counted, and whoever waits for its reply gets
+    `DeliveryRefused` (checked while a caller waits in `receive_by_id`, on the next send to that peer,
+    and when it comes back). `max_messages=0` turns holding off: sends to a gone peer fail at once.
+
+    Each message is delivered at most once per receiving process: a receiver drops a message whose id
+    it has seen among the last `dedup_window` it took (0 turns that check off).
     """
 
     max_messages: int = 10_000
     max_age: float = 300.0
+    dedup_window: int = 100_000
 
     def __post_init__(self) -> None:
-        if self.max_messages < 0 or self.max_age <= 0:
-            raise ConfigError("HoldPolicy needs max_messages >= 0 and max_age > 0")
+        if self.max_messages < 0 or self.max_age <= 0 or self.dedup_window < 0:
+            raise ConfigError("HoldPolicy needs max_messages >= 0, max_age > 0 and dedup_window >= 0")
 
 
 def deadline_after(timeout: float | None) -> float | None:

@@ -17,7 +17,7 @@ import time
 import uuid
 import warnings
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -54,14 +54,16 @@ class ProxyState(Enum):
 class ProxyStats:
     """Counters a user (or a test) can read: what was sent, received, dropped, held."""
 
-    __slots__ = ("sent", "received", "dropped_frames", "dropped_unclaimed", "held", "held_expired", "refused",
-                 "peers_lost")
+    __slots__ = ("sent", "received", "dropped_frames", "dropped_unclaimed", "dropped_late", "duplicates", "held",
+                 "held_expired", "refused", "peers_lost")
 
     def __init__(self) -> None:
         self.sent = 0
         self.received = 0
         self.dropped_frames = 0
         self.dropped_unclaimed = 0  # buffered messages nobody took before max_buffered was reached
+        self.dropped_late = 0  # answers in sessions that had already failed (their peer was declared gone)
+        self.duplicates = 0  # messages dropped because their id was already delivered here
         self.held = 0
         self.held_expired = 0
         self.refused = 0
@@ -124,12 +126,25 @@ class _Membership(threading.Thread):
         self._stop_event = threading.Event()
         self._registry_down = False
 
+    @property
+    def registry_down(self) -> bool:
+        """True while the last registry call failed."""
+        return self._registry_down
+
     def stop(self, timeout: float) -> None:
         self._stop_event.set()
         if self.is_alive() and self is not threading.current_thread():
             self.join(timeout)
 
     def run(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            if not self._stop_event.is_set():
+                raise
+            # close() released the registry under a call that outlived the join timeout: nothing to do.
+
+    def _loop(self) -> None:
         proxy = self._proxy
         last: dict[str, PeerRecord] | None = None
         while not self._stop_event.wait(proxy.liveness.refresh):
@@ -137,8 +152,12 @@ class _Membership(threading.Thread):
                 if not proxy._registry.refresh(proxy.group_name, proxy._record, proxy.liveness.lease):
                     # Our entry had vanished (the registry restarted or our lease lapsed): we are back in,
                     # and the group key goes back too, so members joining now share the running one.
-                    proxy._registry.ensure_group_key(proxy.group_name, proxy._key)
+                    held = proxy._registry.ensure_group_key(proxy.group_name, proxy._key)
                     logger.warning("%s: re-registered in group %r", proxy.name, proxy.group_name)
+                    if held != proxy._key:
+                        logger.error("%s: the registry holds another key for group %r (a member joined while "
+                                     "it was empty); frames signed with either key are dropped by the other side",
+                                     proxy.name, proxy.group_name)
                 members = proxy._registry.members(proxy.group_name)
             except RegistryError as exc:
                 if not self._registry_down:
@@ -166,7 +185,14 @@ class Proxy:
     `timeouts.join` seconds) until the `expected_peers` have registered and are connected, raising
     `JoinTimeout` naming who is missing. Use it as a context manager or call `close()`.
 
-    One thread at a time may use a proxy; `stop()` and `close()` are safe from any thread.
+    Faults: a peer is declared gone when our channel to it breaks (a crash at once; a frozen process or a
+    cut link within `liveness.detection`), or when it leaves the registry while no live channel says
+    otherwise. Its pending sessions then fail (`PeerGone` for whoever waits), and messages to it are held
+    (`HoldPolicy`) until a fresh handshake brings it, or its successor under the same name, back; each
+    goes out once. A receiver drops a message id it already took; an answer in a session that already
+    failed is dropped too (`stats.dropped_late`), so a session's outcome is decided once.
+
+    One thread at a time may use a proxy; `stop()` is also safe from any other thread or a signal handler.
     """
 
     def __init__(
@@ -214,9 +240,10 @@ class Proxy:
 
         if registry is not None and redis_address is not None:
             raise ConfigError("give registry= or redis_address=, not both")
-        self._registry: Registry = registry_from(
-            redis_address if redis_address is not None else registry, timeout=timeouts.registry
-        )
+        registry_spec = redis_address if redis_address is not None else registry
+        # A registry object handed in may be shared with other proxies: only one we made is ours to close.
+        self._owns_registry = registry_spec is None or isinstance(registry_spec, (str, tuple))
+        self._registry: Registry = registry_from(registry_spec, timeout=timeouts.registry)
         if driver is not None and curve:
             raise ConfigError("curve=True configures the default driver; pass ZmqDriver(curve=True) instead")
         self._driver: Driver = driver if driver is not None else self._default_driver(max_message_bytes, curve)
@@ -231,10 +258,19 @@ class Proxy:
         self._awaiting: dict[str, str] = {}
         # Sessions that failed because their peer was lost: session id -> peer (bounded).
         self._failed: OrderedDict[str, str] = OrderedDict()
+        # Sessions whose held message expired before its peer came back: session id -> peer (bounded).
+        self._refused: OrderedDict[str, str] = OrderedDict()
         self._members: dict[str, PeerRecord] = {}
         self._gone: set[str] = set()
         self._connected: set[str] = set()
+        # Peers whose channel we saw come up and not go down since: a send that finds one of them not up
+        # knows the channel broke (its "down" is still queued in the driver) rather than never opened.
+        self._up_seen: set[str] = set()
         self._held: dict[str, deque[tuple[float, str, Message]]] = {}
+        # Ids of recently delivered messages, to drop a second copy: a set for O(1) lookup, a deque for
+        # the order they leave in (bounded by hold_policy.dedup_window).
+        self._seen_ids: set[str] = set()
+        self._seen_order: deque[str] = deque()
         self._membership_updates: deque[dict[str, PeerRecord]] = deque()
         self._stop_requested = threading.Event()
         self._close_lock = threading.Lock()
@@ -285,26 +321,32 @@ class Proxy:
             members = self._registry.members(self.group_name)
             self._apply_members(members)
             missing = self._missing_expected()
-            if not missing:
-                break
             left = time_left(deadline)
+            if not missing:
+                # Registered is not reachable: wait for the connection handshakes too, so a first broadcast
+                # counts every expected peer (no slow-joiner loss, no sleep). The list is re-read every
+                # `refresh`: a peer killed without close() stays listed until its lease lapses, and must
+                # not make the join fail.
+                targets = [n for n, r in self._members.items() if r.component_type in self.expected_peers]
+                wait = self.liveness.refresh if left is None else min(left, self.liveness.refresh)
+                not_up = self._driver.wait_up(targets, wait)
+                if not not_up:
+                    self._up_seen.update(targets)
+                    return
+                if time_left(deadline) == 0:
+                    by_type: dict[str, int] = {}
+                    for peer in not_up:
+                        t = self._members[peer].component_type
+                        by_type[t] = by_type.get(t, 0) + 1
+                    raise JoinTimeout(
+                        f"{self.name}: registered but not reachable within the join timeout: {sorted(not_up)}",
+                        by_type,
+                    )
+                continue
             if left is not None and left <= 0:
                 raise JoinTimeout(self._missing_text(missing, "registered"), missing)
             time.sleep(delay if left is None else min(delay, left))
             delay = min(delay * 2, 0.1)
-        # Registered is not reachable: wait for the connection handshakes too, so a first broadcast
-        # counts every expected peer (no slow-joiner loss, no sleep).
-        targets = [n for n, r in self._members.items() if r.component_type in self.expected_peers]
-        not_up = self._driver.wait_up(targets, time_left(deadline))
-        if not_up:
-            by_type: dict[str, int] = {}
-            for peer in not_up:
-                t = self._members[peer].component_type
-                by_type[t] = by_type.get(t, 0) + 1
-            raise JoinTimeout(
-                f"{self.name}: registered but not reachable within the join timeout: {sorted(not_up)}",
-                by_type,
-            )
 
     def _missing_expected(self) -> dict[str, int]:
         have: dict[str, int] = {}
@@ -327,7 +369,10 @@ class Proxy:
         self.close()
 
     def close(self) -> None:
-        """Leave the group and release sockets; idempotent, bounded by `timeouts.close`, any thread."""
+        """Leave the group and release sockets; idempotent and bounded by `timeouts.close`.
+
+        Call it from the thread that uses the proxy (after `stop()` when that thread is in a loop).
+        """
         with self._close_lock:
             if self._state is ProxyState.CLOSED and getattr(self, "_closed_once", False):
                 return
@@ -337,10 +382,15 @@ class Proxy:
         self._teardown()
 
     def _teardown(self) -> None:
-        if self._membership is not None:
-            self._membership.stop(self.timeouts.close)
+        membership = self._membership
+        if membership is not None:
+            membership.stop(self.timeouts.close)
         record = getattr(self, "_record", None)
-        if record is not None:
+        if record is not None and membership is not None and (membership.is_alive() or membership.registry_down):
+            # The registry is down, or hangs in a call that outlived the join: waiting on it again would
+            # make close() as slow as its timeouts, and our lease expires by itself anyway.
+            logger.warning("%s: registry unavailable; not unregistering (the lease will expire)", self.name)
+        elif record is not None:
             try:
                 self._registry.unregister(self.group_name, self.name)
             except RegistryError as exc:
@@ -349,7 +399,7 @@ class Proxy:
         if driver is not None:
             driver.close(linger=self.timeouts.close)
         registry = getattr(self, "_registry", None)
-        if registry is not None:
+        if registry is not None and getattr(self, "_owns_registry", False):
             registry.close()
         held = sum(len(q) for q in getattr(self, "_held", {}).values())
         if held:
@@ -361,7 +411,8 @@ class Proxy:
                           stacklevel=2)
 
     def stop(self) -> None:
-        """Ask a running `receive()` loop or `launch()` to return; safe from any thread or a signal handler."""
+        """Make the running (or next) `receive()` loop or `launch()` return; safe from any thread or a signal
+        handler. `receive_once()` and `receive_by_id()` are bounded by their timeouts instead."""
         self._stop_requested.set()
         driver = getattr(self, "_driver", None)
         if driver is not None:
@@ -406,21 +457,34 @@ class Proxy:
         """Bring our view and connections in line with the registry's member list (message-path thread)."""
         members = {n: r for n, r in members.items() if n != self.name}
         old = self._members
+        for peer in old.keys() - members.keys():
+            if peer in self._up_seen and peer not in self._gone and self._driver.is_up(peer):
+                # Unlisted, but our channel to it is alive: its lease lapsed (the registry restarted, or the
+                # peer cannot reach it), the peer did not die. Keep it; heartbeats say if it does.
+                members[peer] = old[peer]
         self._members = members
         for peer, record in members.items():
             previous = old.get(peer)
             if previous is not None and previous.incarnation != record.incarnation:
-                # Restarted under the same name: the old connection is dead, its sessions failed.
+                # Restarted under the same name: what was pending with the old process failed, and the
+                # channel is rebuilt even at the same address, so nothing queued for the old process (or
+                # held since) reaches the new one except through the "up" of a fresh handshake.
                 self._declare_gone(peer, "restarted as a new process")
-            if peer in self._connected and (previous is None or previous.address != record.address):
-                self._driver.connect(peer, record.address)
-            elif peer not in self._connected and (
-                record.component_type in self.expected_peers or peer in self._held
-            ):
+                if peer in self._connected:
+                    self._up_seen.discard(peer)
+                    self._driver.disconnect(peer)
+                    self._driver.connect(peer, record.address)
+            elif peer in self._connected:
+                if previous is None or previous.address != record.address:
+                    self._up_seen.discard(peer)
+                    self._driver.connect(peer, record.address)
+            elif record.component_type in self.expected_peers or peer in self._held or peer in self._gone:
+                # A gone peer listed again gets a channel: its handshake ("up") is what brings it back.
                 self._connect(peer)
         for peer in old.keys() - members.keys():
             self._declare_gone(peer, "left the registry (lease expired or unregistered)")
             if peer in self._connected:
+                self._up_seen.discard(peer)
                 self._driver.disconnect(peer)
                 self._connected.discard(peer)
 
@@ -438,25 +502,40 @@ class Proxy:
             logger.warning("%s: registry unreachable while looking up a peer: %s", self.name, exc)
 
     def _declare_gone(self, peer: str, why: str) -> None:
+        """Fail every session pending with `peer`; messages to it are held from now until it is back."""
         if peer in self._gone:
             return
         self._gone.add(peer)
         self.stats.peers_lost += 1
-        failed = [sid for sid, owner in self._awaiting.items() if owner == peer]
+        # Messages still held for it never reached the dead process: they stay pending, for its successor.
+        held = {m.session_id for _, _, m in self._held.get(peer, ())}
+        failed = [sid for sid, owner in self._awaiting.items() if owner == peer and sid not in held]
         for sid in failed:
             del self._awaiting[sid]
             self._failed[sid] = peer
         while len(self._failed) > self.max_buffered:
             self._failed.popitem(last=False)
-        self._tracker.fail_peer(peer)
+        for session in self._tracker.pending_with(peer):
+            if session.id not in held:
+                self._tracker.try_fire(session.id, "peer_lost")
         logger.warning("%s: peer %r is gone (%s); %d pending sessions failed", self.name, peer, why, len(failed))
 
-    def _peer_back(self, peer: str) -> None:
-        if peer not in self._gone:
+    def _peer_down(self, peer: str | None, why: str = "connection lost") -> None:
+        """Our channel to `peer` broke (driver "down")."""
+        self._up_seen.discard(peer)
+        if peer in self._members and peer not in self._gone:
+            self._declare_gone(peer, why)
+
+    def _peer_back(self, peer: str | None) -> None:
+        """Our channel to `peer` completed a handshake (driver "up"): it is live, and gets what was held."""
+        if peer is None:
             return
-        self._gone.discard(peer)
-        logger.info("%s: peer %r is back", self.name, peer)
-        self._flush_held(peer)
+        self._up_seen.add(peer)
+        if peer in self._gone:
+            self._gone.discard(peer)
+            logger.info("%s: peer %r is back", self.name, peer)
+        if peer in self._held:
+            self._flush_held(peer)
 
     # ------------------------------------------------------------------ sending
 
@@ -480,26 +559,47 @@ class Proxy:
         peer = message.destination
         if peer == self.name:
             raise ConfigError(f"{self.name!r} cannot send to itself")
-        if peer in self._gone:
+        if peer in self._gone or peer in self._held:  # behind what is held already, to keep the order
             self._hold(peer, message)
+            if peer not in self._gone:
+                self._flush_held(peer)  # an earlier flush stalled (full queue): try again
             return
+        if not self._send_now(peer, message):
+            self._hold(peer, message)
+
+    def _send_now(self, peer: str, message: Message) -> bool:
+        """Send to a peer not known to be gone; False (sending nothing) if its channel turned out broken."""
         if peer not in self._connected:
             if peer not in self._members:
                 self._refresh_members_now()
             self._connect(peer)
         frames = self._codec.encode(message, incarnation=self._incarnation, seq=self._next_seq())
-        self._driver.send(peer, frames, timeout=self.timeouts.connect)
+        try:
+            self._driver.send(peer, frames, timeout=0)  # a channel that is up with room takes it at once
+        except (PeerUnreachable, Timeout):
+            if peer in self._up_seen and not self._driver.is_up(peer):
+                # It was up and broke, and its "down" still waits in the driver: act on it now instead of
+                # waiting `timeouts.connect` for a channel that may not come back.
+                self._peer_down(peer)
+                return False
+            # A new channel still in its handshake, or a full queue: wait for it, boundedly.
+            self._driver.send(peer, frames, timeout=self.timeouts.connect)
         self.stats.sent += 1
+        return True
 
     def _hold(self, peer: str, message: Message) -> None:
-        policy = self.hold_policy
-        queue = self._held.setdefault(peer, deque())
-        self._expire_held(peer, queue)
-        if len(queue) >= policy.max_messages:
+        queue = self._held.get(peer)
+        if queue is not None:
+            self._expire_held(peer, queue)
+            queue = self._held.get(peer)  # gone if everything in it expired
+        if len(queue or ()) >= self.hold_policy.max_messages:
             self.stats.refused += 1
-            logger.warning("%s: refusing message %s for gone peer %r: %d already held",
-                           self.name, message.message_id, peer, len(queue))
-            raise DeliveryRefused(peer)
+            logger.warning("%s: refusing message %s for gone peer %r: %d already held (HoldPolicy.max_messages)",
+                           self.name, message.message_id, peer, len(queue or ()))
+            raise DeliveryRefused(peer, f"message {message.message_id} for gone peer {peer!r} refused: "
+                                        f"{len(queue or ())} messages held for it already")
+        if queue is None:
+            queue = self._held[peer] = deque()
         queue.append((time.monotonic(), message.message_id, message))
         self.stats.held += 1
         logger.info("%s: peer %r is gone; holding message %s (%d held)", self.name, peer, message.message_id,
@@ -509,43 +609,68 @@ class Proxy:
         cutoff = time.monotonic() - self.hold_policy.max_age
         while queue and queue[0][0] < cutoff:
             _, message_id, message = queue.popleft()
+            sid = message.session_id
             self.stats.held_expired += 1
-            self._failed[message.session_id] = peer
-            self._awaiting.pop(message.session_id, None)
-            logger.warning("%s: held message %s for %r expired after %.0fs", self.name, message_id, peer,
-                           self.hold_policy.max_age)
+            # Whoever waits for its reply gets DeliveryRefused (receive_by_id), and the session ends failed.
+            if self._awaiting.pop(sid, None) is not None:
+                self._refused[sid] = peer
+                while len(self._refused) > self.max_buffered:
+                    self._refused.popitem(last=False)
+            self._tracker.try_fire(sid, "peer_lost")
+            logger.warning("%s: held message %s for %r dropped: older than HoldPolicy.max_age=%ss", self.name,
+                           message_id, peer, self.hold_policy.max_age)
+        if not queue and self._held.get(peer) is queue:
+            del self._held[peer]
+
+    def _expire_all_held(self) -> float | None:
+        """Drop held messages past their age; returns seconds until the next one would expire (None: none)."""
+        for peer, queue in list(self._held.items()):
+            self._expire_held(peer, queue)
+        if not self._held:
+            return None
+        oldest = min(queue[0][0] for queue in self._held.values())
+        return max(0.0, oldest + self.hold_policy.max_age - time.monotonic())
 
     def _flush_held(self, peer: str) -> None:
+        """Send what was held for `peer`, oldest first, each once; stop (keeping the rest) if that fails."""
         queue = self._held.get(peer)
-        if not queue:
+        if queue is None:
             return
         self._expire_held(peer, queue)
         delivered = 0
         while queue:
-            _, _, message = queue[0]
+            message = queue[0][2]
             try:
-                self._transmit(message)
+                sent = self._send_now(peer, message)
             except (PeerUnreachable, Timeout) as exc:
                 logger.warning("%s: %r came back but delivery stalled (%s); %d still held", self.name, peer, exc,
                                len(queue))
                 return
-            queue.popleft()
+            if not sent:
+                logger.warning("%s: %r went down again while its held messages were sent; %d still held",
+                               self.name, peer, len(queue))
+                return
+            queue.popleft()  # only once the driver took it: a message is never sent twice
             delivered += 1
-            if message.session_id in self._failed and self._failed[message.session_id] == peer:
-                del self._failed[message.session_id]
-                self._awaiting[message.session_id] = peer
-        del self._held[peer]
+        self._held.pop(peer, None)
         logger.info("%s: delivered %d held messages to %r", self.name, delivered, peer)
 
     def _dispatch(self, message: Message) -> str:
         self._check_open()
         self._absorb()
+        sid = message.session_id
+        if sid in self._failed or sid in self._refused:  # a new attempt in a session that failed: start afresh
+            self._failed.pop(sid, None)
+            self._refused.pop(sid, None)
+            self._tracker.discard(sid)
         if self._start_session(message):
             self._awaiting[message.session_id] = message.destination
         try:
             self._transmit(message)
-        except BaseException:
+        except BaseException as exc:
             self._awaiting.pop(message.session_id, None)
+            if isinstance(exc, Error):  # never sent, so the session cannot go on: end it, the error says why
+                self._tracker.try_fire(message.session_id, "timeout" if isinstance(exc, Timeout) else "peer_lost")
             raise
         return message.session_id
 
@@ -582,10 +707,13 @@ class Proxy:
     def ibroadcast(
         self, component_type: str, tag: Any, session_type: SessionType | str, payload: Any = None
     ) -> list[str]:
-        """Send `payload` to every live peer of `component_type` without waiting; returns session ids."""
+        """Send `payload` to every live peer of `component_type` without waiting; returns session ids.
+
+        The targets are `peers[component_type]`: a peer declared gone is not live and is skipped.
+        """
         self._check_open()
         self._absorb()
-        targets = [p for p, r in self._members.items() if r.component_type == component_type]
+        targets = [p for p, r in self._members.items() if r.component_type == component_type and p not in self._gone]
         if not targets:
             raise PeerUnreachable(component_type, f"no live peer of type {component_type!r} in the group")
         return self._dispatch_all(
@@ -671,16 +799,20 @@ class Proxy:
     def _pump(self, timeout: float | None) -> None:
         """Wait up to `timeout` for driver events and handle them (frames, peers up/down)."""
         self._absorb()
+        peer_events = None
         for event in self._driver.poll(timeout):
             if event.kind == "frames":
                 self._on_frames(event.frames or [])
-            elif event.peer is None:
-                continue
-            elif event.kind == "down":
-                if event.peer in self._members and event.peer not in self._gone:
-                    self._declare_gone(event.peer, "connection lost")
-            elif event.kind == "up":
-                self._peer_back(event.peer)
+            elif event.peer is not None:
+                peer_events = peer_events or []
+                peer_events.append(event)
+        if peer_events:
+            # After the batch's frames: a reply that reached us together with its sender's "down" counts.
+            for event in peer_events:
+                if event.kind == "down":
+                    self._peer_down(event.peer)
+                elif event.kind == "up":
+                    self._peer_back(event.peer)
         self._absorb()
 
     def _on_frames(self, frames: list[Any]) -> None:
@@ -693,7 +825,25 @@ class Proxy:
             self.stats.dropped_frames += 1
             logger.warning("%s: dropped a frame (%s): %s", self.name, type(exc).__name__, exc)
             return
+        message_id = message.message_id
+        seen = self._seen_ids
+        if message_id in seen:  # exactly once: a copy of a message already delivered here goes
+            self.stats.duplicates += 1
+            logger.warning("%s: dropped a second copy of message %s from %r", self.name, message_id, message.source)
+            return
+        seen.add(message_id)
+        order = self._seen_order
+        order.append(message_id)
+        if len(order) > self.hold_policy.dedup_window:
+            seen.discard(order.popleft())
         self.stats.received += 1
+        if message.session_id in self._failed:
+            # Its session already ended failed (its peer was declared gone first; the caller gets or got
+            # PeerGone): an outcome is decided once, so the late answer goes, logged and counted.
+            self.stats.dropped_late += 1
+            logger.warning("%s: dropped message %s from %r: its session %s already failed", self.name, message_id,
+                           message.source, message.session_id)
+            return
         self._track_incoming(message)
         if len(self._inbox) >= self.max_buffered:
             # Never drop data silently: the oldest unclaimed message goes, loudly. Reaching this means
@@ -722,8 +872,6 @@ class Proxy:
                     f"frame from {header.source!r} with incarnation {header.incarnation[:8]} "
                     "that the registry does not list"
                 )
-        if header.source in self._gone:
-            self._peer_back(header.source)
 
     def _track_incoming(self, message: Message) -> None:
         self._awaiting.pop(message.session_id, None)
@@ -776,36 +924,42 @@ class Proxy:
             left = time_left(deadline)
             if left == 0 and polled:
                 raise Timeout(f"{self.name}: no message within {limit}s")
-            if self._stop_requested.is_set():
-                raise Timeout(f"{self.name}: stopped while waiting for a message")
             self._pump(left)
             polled = True
 
-    def receive(self, timeout: float | None | Any = UNSET) -> Iterator[Message]:
-        """Yield incoming messages until `stop()`/`close()`, or until none came for `timeout` seconds."""
+    def receive(self, timeout: float | None | Any = UNSET) -> Generator[Message, None, None]:
+        """Yield incoming messages until `stop()`, or until none came for `timeout` seconds.
+
+        A `stop()` made before the loop starts ends it at once (it is not lost); the loop consumes it.
+        """
         self._check_open()
         idle = self.timeouts.receive if timeout is UNSET else timeout
-        self._stop_requested.clear()
-        while not self._stop_requested.is_set() and self._state is ProxyState.OPEN:
-            deadline = deadline_after(idle)
-            message = self._take()
-            polled = False
-            while message is None:
-                left = time_left(deadline)
-                if (left == 0 and polled) or self._stop_requested.is_set() or self._state is not ProxyState.OPEN:
-                    return
-                self._pump(left)
-                polled = True
+        try:
+            while not self._stop_requested.is_set() and self._state is ProxyState.OPEN:
+                deadline = deadline_after(idle)
                 message = self._take()
-            yield message
+                polled = False
+                while message is None:
+                    left = time_left(deadline)
+                    if (left == 0 and polled) or self._stop_requested.is_set() or self._state is not ProxyState.OPEN:
+                        return
+                    self._pump(left)
+                    polled = True
+                    message = self._take()
+                yield message
+        finally:
+            self._stop_requested.clear()
 
     def receive_by_id(self, session_ids: Iterable[str] | str, timeout: float | None | Any = UNSET
                       ) -> list[Message]:
         """Wait for one message of each session id; returns them in the order of `session_ids`.
 
         Messages of other sessions that arrive meanwhile stay buffered for `receive()` (up to
-        `max_buffered`). Raises `PeerGone` if a peer that owes a reply is lost, `Timeout` naming the
-        sessions still missing at the deadline; both carry `.replies`, what did arrive.
+        `max_buffered`). Raises `PeerGone` if a peer that owes a reply is lost, `DeliveryRefused` if a
+        message held for a gone peer expired (`HoldPolicy.max_age`) before it came back, `Timeout` naming
+        the sessions still missing at the deadline. All carry `.replies`, what did arrive; `PeerGone`
+        and `DeliveryRefused` also `.session_ids`, the sessions that ended. A message still held at the
+        deadline stays held (a later call may still get its reply).
         """
         self._check_open()
         ids = [session_ids] if isinstance(session_ids, str) else list(session_ids)
@@ -830,6 +984,19 @@ class Proxy:
                                          f"{[sid for sid, _ in lost]} pending", session_ids=[s for s, _ in lost])
                 exc.replies = [got[sid] for sid in ids if sid in got]  # type: ignore[attr-defined]
                 raise exc
+            refused = [(sid, self._refused[sid]) for sid in missing if sid in self._refused]
+            if refused:
+                peers = sorted({peer for _, peer in refused})
+                exc1 = DeliveryRefused(peers[0], f"{self.name}: messages held for gone peer(s) {peers} expired "
+                                                 f"(sessions {[sid for sid, _ in refused]})")
+                exc1.session_ids = tuple(sid for sid, _ in refused)  # type: ignore[attr-defined]
+                exc1.replies = [got[sid] for sid in ids if sid in got]  # type: ignore[attr-defined]
+                raise exc1
+            next_expiry = None
+            if self._held:  # held messages may expire while we wait: their callers hear of it then
+                next_expiry = self._expire_all_held()
+                if any(sid in self._refused for sid in missing):
+                    continue
             left = time_left(deadline)
             if left == 0 and polled:
                 owners = sorted({self._awaiting.get(sid, "?") for sid in missing})
@@ -837,11 +1004,13 @@ class Proxy:
                                missing)
                 exc2.replies = [got[sid] for sid in ids if sid in got]  # type: ignore[attr-defined]
                 raise exc2
+            if next_expiry is not None and (left is None or next_expiry < left):
+                left = next_expiry
             self._pump(left)
             polled = True
 
     def _expects_reply(self, session_id: str) -> bool:
-        if session_id in self._inbox_by_session or session_id in self._failed:
+        if session_id in self._inbox_by_session or session_id in self._failed or session_id in self._refused:
             return True
         session = self._tracker.find(session_id)
         # A session we know with no reply left to come (a notification) returns at once.

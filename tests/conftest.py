@@ -1,7 +1,8 @@
 """Fixtures shared by the whole suite: a real Redis server per test, on a free loopback port.
 
     redis_server           a running registry server: .url .port .start() .stop() .kill() .embedded
-    redis_server_factory   callable(password=None, args=(), embedded=False) -> another server, all torn down
+    redis_server_factory   callable(password=None, args=(), embedded=False, bind="127.0.0.1") -> another
+                           server, all torn down (bind: the address it listens on, e.g. a veth's)
     registry_url           redis_server.url
 
 Tests run against a real ``redis-server`` when it is on PATH. Without it they fall back to the embedded
@@ -57,10 +58,10 @@ class RegistryServer(Protocol):
     def close(self) -> None: ...
 
 
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` (loopback by default) that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -75,9 +76,10 @@ def _die_with_parent() -> None:
         pass
 
 
-def _server_pid(port: int, password: str | None) -> int | None:
-    """The pid of the redis-server answering on `port`, or None if none answers (yet)."""
+def _server_pid(port: int, password: str | None, host: str = "127.0.0.1") -> int | None:
+    """The pid of the redis-server answering on `host:port`, or None if none answers (yet)."""
     client = redis.Redis(
+        host=host,
         port=port,
         password=password,
         socket_timeout=0.5,
@@ -93,7 +95,7 @@ def _server_pid(port: int, password: str | None) -> int | None:
 
 
 class RedisServerProcess:
-    """A real redis-server child process on a fixed loopback port; restartable on the same port."""
+    """A real redis-server child process on a fixed port (of loopback, or `bind`); restartable on it."""
 
     embedded = False
 
@@ -105,8 +107,10 @@ class RedisServerProcess:
         *,
         password: str | None = None,
         args: Sequence[str] = (),
+        bind: str = "127.0.0.1",
     ) -> None:
         self.executable = executable
+        self.bind = bind
         self.port = port
         self.password = password
         self.args = list(args)
@@ -117,7 +121,7 @@ class RedisServerProcess:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}{self.bind}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -127,9 +131,11 @@ class RedisServerProcess:
         """Spawn redis-server (again) on this port and wait, under a deadline, until it answers PING."""
         if self._proc is not None and self._proc.poll() is None:
             return
-        cmd = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--daemonize", "no"]
+        cmd = [self.executable, "--port", str(self.port), "--bind", self.bind, "--daemonize", "no"]
         cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]  # no persistence
         cmd += ["--requirepass", self.password] if self.password else []
+        if self.bind not in ("127.0.0.1", "::1", "localhost") and not self.password:
+            cmd += ["--protected-mode", "no"]  # else it refuses clients from a non-loopback address
         cmd += self.args
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
@@ -141,7 +147,7 @@ class RedisServerProcess:
             )
         deadline = time.monotonic() + READY_TIMEOUT
         # Ask for the pid: a PONG alone could come from someone else who took the port first.
-        while _server_pid(self.port, self.password) != self._proc.pid:
+        while _server_pid(self.port, self.password, self.bind) != self._proc.pid:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"redis-server on port {self.port} exited at start:\n{self._log_tail()}")
             if time.monotonic() > deadline:
@@ -190,8 +196,8 @@ class EmbeddedServerHandle:
     embedded = True
     password = None
 
-    def __init__(self, port: int = 0) -> None:
-        self._server = EmbeddedRegistryServer("127.0.0.1", port)
+    def __init__(self, port: int = 0, bind: str = "127.0.0.1") -> None:
+        self._server = EmbeddedRegistryServer(bind, port)
 
     @property
     def port(self) -> int:
@@ -218,9 +224,11 @@ class EmbeddedServerHandle:
 def redis_server_factory(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., RegistryServer]]:
-    """Start registry servers on demand: ``factory(password=None, args=(), embedded=False)``.
+    """Start registry servers on demand: ``factory(password=None, args=(), embedded=False, bind="127.0.0.1")``.
 
     A password or extra args need a real redis-server: without one the test is skipped (failed under CI).
+    `bind` is the address the server listens on (and its URL names), for example a veth address of a test
+    that builds its own network.
     """
     servers: list[RegistryServer] = []
     executable = shutil.which("redis-server")
@@ -228,7 +236,7 @@ def redis_server_factory(
     in_ci = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
     def make(
-        *, password: str | None = None, args: Sequence[str] = (), embedded: bool = False
+        *, password: str | None = None, args: Sequence[str] = (), embedded: bool = False, bind: str = "127.0.0.1"
     ) -> RegistryServer:
         server: RegistryServer
         use_embedded = embedded or forced or executable is None
@@ -245,13 +253,15 @@ def redis_server_factory(
                 why = "RALLYPOINT_TEST_REDIS=embedded" if forced else "redis-server is not on PATH"
                 _fallback_users[request.node.nodeid] = why
                 logger.warning("%s: %s runs against the embedded registry", why, request.node.nodeid)
-            server = EmbeddedServerHandle()
+            server = EmbeddedServerHandle(bind=bind)
             server.start()
         else:
             assert executable is not None
             workdir = tmp_path_factory.mktemp("redis")
             for attempt in range(3):  # the free port may be taken by someone else before redis binds it
-                server = RedisServerProcess(executable, free_port(), workdir, password=password, args=args)
+                server = RedisServerProcess(
+                    executable, free_port(bind), workdir, password=password, args=args, bind=bind
+                )
                 try:
                     server.start()
                     break

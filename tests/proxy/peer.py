@@ -12,6 +12,9 @@ Roles:
   idle     joins as `worker` and only receives (for join and peer-list tests)
 
 It prints "READY <name>" on stdout once joined, so tests wait for readiness instead of sleeping.
+With `--log FILE` a worker appends one line per message it takes, "<message_id> <session_id> <tag> <pid>",
+before acting on it (O_APPEND, unbuffered: every incarnation of a name can share one file, and a SIGKILL
+loses no line), so tests can check that no message was delivered twice.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ def main() -> int:
     parser.add_argument("--type", default="worker")
     parser.add_argument("--expect", default="master:1", help="TYPE:COUNT[,TYPE:COUNT]")
     parser.add_argument("--spec", action="append", default=[], help="spec files to load")
+    parser.add_argument("--log", help="append '<message_id> <session_id> <tag> <pid>' per message taken")
     args = parser.parse_args()
+    log_fd = os.open(args.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if args.log else None
 
     expected = {}
     for item in filter(None, args.expect.split(",")):
@@ -53,6 +58,8 @@ def main() -> int:
         def on_any(that, proxy, messages):
             for message in messages:
                 tag = message.tag
+                if log_fd is not None:
+                    os.write(log_fd, f"{message.message_id} {message.session_id} {tag} {os.getpid()}\n".encode())
                 if tag == "sum":
                     proxy.reply(message, payload=sum(message.payload))
                 elif tag == "echo":

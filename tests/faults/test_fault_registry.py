@@ -1,0 +1,104 @@
+"""The registry (a real redis-server) stops and restarts while a job runs: traffic goes on, peers
+re-register (with the group key), and a peer joining afterwards gets the same key and is heard."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from fault_helpers import pump_until, report
+from proxy_helpers import make_proxy
+
+from rallypoint import SessionMessage, SessionType
+from rallypoint.proxy import RedisRegistry, Timeouts
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _round(master, names: list[str], counter: list[int]) -> list[str]:
+    """One scatter of unique sums to every worker; returns the request message ids."""
+    messages = []
+    for name in names:
+        counter[0] += 1
+        messages.append((name, [counter[0], 1000]))
+    replies = master.scatter("sum", SessionType.TASK, messages, timeout=10)
+    assert sorted(r.payload for r in replies) == sorted(a + b for _, (a, b) in messages)
+    time.sleep(0.01)  # a steady stream, not a flood: every session's stage stays on record to be checked
+    return [r.session_id for r in replies]
+
+
+def test_registry_restarts_and_flaps_during_a_run(redis_server, workers):
+    started = workers(2)
+    names = [w.name for w in started]
+    with make_proxy(redis_server.url, workers.group, "master", "master",
+                    expected_peers={"worker": 2}) as master:
+        for worker in started:
+            worker.wait_ready()
+        key = master._key
+        counter = [0]
+        sessions: list[str] = []
+        sessions += _round(master, names, counter)
+
+        # Down for longer than every lease (2 s): nothing can expire while Redis is down, and it comes
+        # back empty, so every member must register again (and restore the key).
+        redis_server.stop()
+        until = time.monotonic() + 2.5
+        while time.monotonic() < until:
+            sessions += _round(master, names, counter)
+        redis_server.start()
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until:
+            sessions += _round(master, names, counter)
+
+        # Flapping: down and up twice in quick succession.
+        for _ in range(2):
+            redis_server.stop()
+            sessions += _round(master, names, counter)
+            redis_server.start()
+            sessions += _round(master, names, counter)
+
+        registry = RedisRegistry(redis_server.url)
+        try:
+            pump_until(master, lambda: set(registry.members(workers.group)) == {"master", *names}, 10,
+                       "every member registered again")
+            assert registry.group_key(workers.group, create=False) == key
+        finally:
+            registry.close()
+        assert master.peers == {"worker": names} and master.stats.peers_lost == 0
+
+        # A newcomer joins the running group with the same key: the master hears it and it answers.
+        [newcomer] = workers(1)
+        newcomer.wait_ready()
+        pump_until(master, lambda: newcomer.name in master.peers.get("worker", []), 10, "the newcomer listed")
+        [reply] = master.send(SessionMessage(tag="sum", source="master", destination=newcomer.name,
+                                             payload=[40, 2]), timeout=10)
+        assert reply.payload == 42
+        sessions += _round(master, names + [newcomer.name], counter)
+
+        assert all(master.session_stage(s) == "complete" for s in sessions)
+        assert master.stats.dropped_frames == 0
+
+    taken = [mid for w in started for mid in w.log_ids()]
+    assert len(taken) == len(set(taken))
+    report(f"registry restart + 2 flaps: {len(sessions)} tasks, 0 lost, "
+           f"{len(taken) - len(set(taken))} duplicated; peers re-registered, newcomer joined with the same key")
+
+
+def test_close_does_not_wait_on_a_hanging_registry(redis_server):
+    """A frozen registry (SIGSTOP: connections open, no answers) must not hold close() for its timeouts."""
+    if redis_server.embedded:
+        pytest.skip("needs a redis-server process to freeze")
+    proxy = make_proxy(redis_server.url, f"g-{time.monotonic_ns()}", "solo",
+                       timeouts=Timeouts(registry=2.0, close=0.5))
+    try:
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        time.sleep(0.5)  # the membership thread is now inside a call that will not be answered
+        started = time.monotonic()
+        proxy.close()
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    report(f"close() with the registry frozen: {elapsed:.3f}s (registry timeout 2.0s, close timeout 0.5s)")
+    assert elapsed < 0.5 + 0.5
