@@ -33,6 +33,7 @@ from rallypoint.errors import (
     PeerUnreachable,
     ProxyClosed,
     RegistryError,
+    ReplayedFrame,
     Timeout,
 )
 
@@ -573,7 +574,9 @@ class Proxy:
             if peer not in self._members:
                 self._refresh_members_now()
             self._connect(peer)
-        frames = self._codec.encode(message, incarnation=self._incarnation, seq=self._next_seq())
+        record = self._members.get(peer)
+        frames = self._codec.encode(message, incarnation=self._incarnation, seq=self._next_seq(),
+                                    to_incarnation=record.incarnation if record is not None else "")
         try:
             self._driver.send(peer, frames, timeout=0)  # a channel that is up with room takes it at once
         except (PeerUnreachable, Timeout):
@@ -863,6 +866,10 @@ class Proxy:
     def _check_sender(self, header: Header) -> None:
         if header.destination != self.name:
             raise ForgedFrame(f"frame for {header.destination!r} arrived at {self.name!r}")
+        if header.to_incarnation and header.to_incarnation != self._incarnation:
+            # Queued for an earlier process under our name (restarted on the same port): not ours to take.
+            raise ReplayedFrame(f"frame {header.message_id} from {header.source!r} was meant for an earlier "
+                                f"{self.name!r} (incarnation {header.to_incarnation[:8]})")
         record = self._members.get(header.source)
         if record is None or record.incarnation != header.incarnation:
             self._refresh_members_now()  # a peer that joined since our last look; rare, so a round trip is fine

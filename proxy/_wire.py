@@ -66,7 +66,7 @@ _KNOWN_FLAGS = FLAG_SESSION | FLAG_OOB_BYTES
 
 MAX_HEADER_BYTES = 64 * 1024  # a header is ~200 bytes; anything near this is garbage
 MAX_FRAMES = 1 << 16  # header + payload frames + mac; more is garbage (or an attempt to burn our CPU)
-_HEADER_FIELDS = 14
+_HEADER_FIELDS = 15
 _BUILTIN_TYPES: dict[str | None, SessionType] = {t.value: t for t in SessionType}
 _MAC_BYTES = 32
 
@@ -92,6 +92,9 @@ class Header(NamedTuple):
     incarnation: str  # the sender's per-process id
     seq: int  # the sender's per-process message counter (strictly increasing)
     nframes: int  # number of payload frames
+    # The incarnation of the destination process the sender meant ("" when it did not know one), so a
+    # process restarted under the same name never takes frames meant for its predecessor.
+    to_incarnation: str = ""
     verified: bool = False
 
     @property
@@ -363,7 +366,7 @@ class WireCodec:
 
     # ------------------------------------------------------------------------------ encode
 
-    def encode(self, message: Message, *, incarnation: str, seq: int) -> list[Any]:
+    def encode(self, message: Message, *, incarnation: str, seq: int, to_incarnation: str = "") -> list[Any]:
         """The frames for `message`: [header, *payload frames, mac] (no mac frame when unsigned).
 
         Raises ConfigError for a message that cannot be encoded: a payload the codec can't represent, a
@@ -388,7 +391,7 @@ class WireCodec:
             session_type = stage = event = None
         fields = [
             VERSION, flags, self._codec_id, tag, message.source, message.destination, message.session_id,
-            message.message_id, session_type, stage, event, incarnation, seq, len(payload_frames),
+            message.message_id, session_type, stage, event, incarnation, seq, len(payload_frames), to_incarnation,
         ]
         if not _header_types_ok(fields):
             raise ConfigError(_header_type_problem(fields))
@@ -578,6 +581,7 @@ def _header_types_ok(f: list[Any]) -> bool:
         and type(f[12]) is int
         and f[12] >= 0
         and type(f[13]) is int
+        and type(f[14]) is str
     )
 
 

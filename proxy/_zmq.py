@@ -231,6 +231,9 @@ class ZmqDriver:
             out.setsockopt(zmq.LINGER, _ms_option(linger))
             out.setsockopt(zmq.SNDHWM, sndhwm)
             out.setsockopt(zmq.RECONNECT_IVL, _ms_option(reconnect_ivl))
+            # Give up on a TCP connect after the heartbeat timeout and retry every reconnect_ivl, instead of
+            # riding the kernel's SYN retries (1, 3, 7 s...) where a cut link silently drops them.
+            out.setsockopt(zmq.CONNECT_TIMEOUT, _ms_option(heartbeat_timeout))
             self._heartbeats(out)
             out.copy_threshold = copy_threshold
             if self._curve is not None:

@@ -248,4 +248,4 @@ class OversizedFrame(FrameError):
 
 
 class ReplayedFrame(FrameError):
-    """A frame whose sequence number was already seen for its (source, incarnation)."""
+    """A frame seen before: a sequence number already seen for its sender, or meant for an earlier process."""

@@ -173,3 +173,19 @@ def test_malformed_registry_entries_do_not_stop_a_join(registry_url):
             make_proxy(registry_url, group, "worker", "worker_001", expected_peers={"master": 1}):
         master._refresh_members_now()
         assert master.peers == {"worker": ["worker_001"]}
+
+
+def test_frames_meant_for_an_earlier_process_under_the_same_name_are_dropped(pair, registry_url):
+    master, worker, group = pair
+    codec = WireCodec(RedisRegistry(registry_url).group_key(group))
+    stale = _frames_to(codec, Message(tag="old", source="master", destination="worker_001"),
+                       master.incarnation, 10**9, to_incarnation="0" * 32)
+    fresh = _frames_to(codec, Message(tag="new", source="master", destination="worker_001"),
+                       master.incarnation, 10**9 + 1, to_incarnation=worker.incarnation)
+    _inject(worker._record.address, [stale, fresh])
+    assert worker.receive_once(timeout=5).tag == "new"
+    assert worker.stats.dropped_frames == 1
+
+
+def _frames_to(codec: WireCodec, message: Message, incarnation: str, seq: int, to_incarnation: str) -> list[bytes]:
+    return [bytes(f) for f in codec.encode(message, incarnation=incarnation, seq=seq, to_incarnation=to_incarnation)]

@@ -316,6 +316,7 @@ def _fields(**changes: object) -> list[object]:
     base: dict[str, object] = dict(
         version=VERSION, flags=0, codec=0, tag="t", source="a", destination="b", session_id="s",
         message_id="m", session_type=None, session_stage=None, event=None, incarnation="i", seq=1, nframes=1,
+        to_incarnation="",
     )
     base.update(changes)
     return list(base.values())
