@@ -50,9 +50,11 @@ def _frames(codec: WireCodec, message: Message, incarnation: str, seq: int) -> l
 
 def test_garbage_and_truncated_frames_are_dropped_counted_and_logged(pair, caplog):
     master, worker, _ = pair
-    good = _frames(WireCodec(os.urandom(32)), Message(tag="t", source="master", destination="worker_001"),
-                   master.incarnation, 1)
-    junk = [[b""], [b"\x00" * 7], [b"garbage", b"more"], good[:1], good[:-1], [good[0], b"x", good[-1]]]
+    message = Message(tag="t", source="master", destination="worker_001")
+    good = _frames(WireCodec(os.urandom(32), compact=False), message, master.incarnation, 1)
+    [compact] = _frames(WireCodec(os.urandom(32)), message, master.incarnation, 1)
+    junk = [[b""], [b"\x00" * 7], [b"garbage", b"more"], good[:1], good[:-1], [good[0], b"x", good[-1]],
+            [compact[:9]], [compact[:-1]], [b"\xc1" + b"\xff" * 8]]
     with caplog.at_level(logging.WARNING, logger="rallypoint.proxy._proxy"):
         _inject(worker._record.address, junk)
         _pump_until_dropped(worker, len(junk))

@@ -22,6 +22,12 @@ from rallypoint.errors import (
 )
 from rallypoint.proxy._wire import FLAG_OOB_BYTES, VERSION, Header, ReplayGuard, WireCodec
 
+
+def Codec(*args, **kwargs):  # noqa: N802 - stands in for the class
+    """The multi-frame layout these tests take apart (compact single frames are tested separately)."""
+    kwargs.setdefault("compact", False)
+    return WireCodec(*args, **kwargs)
+
 pytestmark = pytest.mark.timeout(20)
 
 KEY = b"k" * 32
@@ -65,7 +71,7 @@ def assert_same_envelope(a: Message, b: Message) -> None:
     ids=["none", "empty", "dict", "bytes", "int", "str"],
 )
 def test_round_trip_plain_payloads(codec_name: str, key: bytes | None, payload: object) -> None:
-    codec = WireCodec(key, codec=codec_name)
+    codec = Codec(key, codec=codec_name)
     for message in (
         Message("check_in", "worker_001", "master", payload),
         SessionMessage("sum", "master", "worker_001", payload, session_type=SessionType.TASK),
@@ -79,7 +85,7 @@ def test_round_trip_plain_payloads(codec_name: str, key: bytes | None, payload: 
 
 
 def test_session_type_builtin_comes_back_as_enum_and_custom_as_text() -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     _, out = roundtrip(codec, SessionMessage("t", "a", "b", 1, session_type=SessionType.TASK))
     assert out.session_type is SessionType.TASK
     custom = SessionMessage("vote", "a", "b", 1, session_type="two_phase", session_stage="prepare",
@@ -90,14 +96,14 @@ def test_session_type_builtin_comes_back_as_enum_and_custom_as_text() -> None:
 
 @pytest.mark.parametrize("tag,text", [(Color.RED, "red"), (Num.ONE, "1"), ("plain", "plain"), (7, "7")])
 def test_enum_tags_travel_by_value(tag: object, text: str) -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     frames, out = roundtrip(codec, Message(tag, "a", "b"))
     assert out.tag == text
     assert codec.decode_header(frames).tag == text
 
 
 def test_header_routes_without_the_payload(monkeypatch: pytest.MonkeyPatch) -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     msg = SessionMessage("sum", "master", "worker_001", [1, 2], session_type=SessionType.TASK)
     frames = codec.encode(msg, incarnation="inc-9", seq=42)
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("payload decoded"))
@@ -113,7 +119,7 @@ def test_header_routes_without_the_payload(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_decode_with_a_verified_header_skips_the_second_mac(monkeypatch: pytest.MonkeyPatch) -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     frames = codec.encode(Message("t", "a", "b", [1]), incarnation="i", seq=1)
     header = codec.decode_header(frames)
     monkeypatch.setattr(type(codec._mac), "compute", lambda *a: pytest.fail("MAC computed twice"))
@@ -121,7 +127,7 @@ def test_decode_with_a_verified_header_skips_the_second_mac(monkeypatch: pytest.
 
 
 def test_unverified_header_is_parsed_but_not_trusted_for_unpickling() -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     frames = codec.encode(Message("t", "a", "b", [1]), incarnation="i", seq=1)
     frames[-1] = bytes(32)  # a wrong MAC
     h = codec.decode_header(frames, verify=False)
@@ -135,7 +141,7 @@ def test_unverified_header_is_parsed_but_not_trusted_for_unpickling() -> None:
 
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_numpy_arrays_travel_as_separate_zero_copy_frames(order: str) -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     big = np.asarray(np.arange(40_000, dtype=np.float64).reshape(200, 200), order=order)
     small = np.arange(10, dtype=np.int32)
     msg = SessionMessage("grad", "w", "m", {"big": big, "small": small, "n": 3})
@@ -154,7 +160,7 @@ def test_numpy_arrays_travel_as_separate_zero_copy_frames(order: str) -> None:
 
 
 def test_readonly_array_stays_readonly() -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     arr = np.ones(20_000)
     arr.setflags(write=False)
     frames = codec.encode(Message("x", "a", "b", arr), incarnation="i", seq=1)
@@ -165,7 +171,7 @@ def test_readonly_array_stays_readonly() -> None:
 @pytest.mark.parametrize("kind", [bytes, bytearray])
 @pytest.mark.parametrize("where", ["top", "in_dict", "in_list_in_dict"])
 def test_big_bytes_travel_out_of_band(kind: type, where: str) -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     blob = kind(os.urandom(ZC + 1))
     payload = {"top": blob, "in_dict": {"blob": blob, "x": 1},
                "in_list_in_dict": {"parts": [b"small", blob]}}[where]
@@ -180,7 +186,7 @@ def test_big_bytes_travel_out_of_band(kind: type, where: str) -> None:
 
 
 def test_small_buffers_stay_in_band() -> None:
-    codec = WireCodec(KEY, zero_copy_threshold=1 << 20)
+    codec = Codec(KEY, zero_copy_threshold=1 << 20)
     arr = np.arange(1000.0)
     frames = codec.encode(Message("x", "a", "b", {"a": arr, "b": b"x" * 5000}), incarnation="i", seq=1)
     assert len(frames) == 3
@@ -189,7 +195,7 @@ def test_small_buffers_stay_in_band() -> None:
 
 
 def test_big_frames_enter_the_mac_as_digests_and_are_still_covered() -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     arr = np.arange(100_000, dtype=np.int64)
     frames = [bytearray(f) for f in codec.encode(Message("x", "a", "b", arr), incarnation="i", seq=1)]
     frames[2][len(frames[2]) // 2] ^= 0x01
@@ -198,7 +204,7 @@ def test_big_frames_enter_the_mac_as_digests_and_are_still_covered() -> None:
 
 
 def test_very_big_frames_are_hashed_in_chunks_and_every_chunk_is_covered() -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     arr = np.arange((9 << 20) // 8, dtype=np.int64)  # 9 MiB: three 4 MiB chunks, hashed in parallel
     frames = codec.encode(Message("x", "a", "b", arr), incarnation="i", seq=1)
     assert np.array_equal(codec.decode(frames).payload, arr)
@@ -218,7 +224,7 @@ def _valid_frames(codec: WireCodec) -> list[bytes]:
 
 
 def test_a_flipped_bit_in_any_frame_is_rejected() -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     frames = _valid_frames(codec)
     assert len(frames) == 4
     for i, frame in enumerate(frames):
@@ -233,7 +239,7 @@ def test_a_flipped_bit_in_any_frame_is_rejected() -> None:
 
 
 def test_frames_cannot_be_resplit() -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     frames = [bytes(f) for f in codec.encode(Message("t", "a", "b", "payload"), incarnation="i", seq=1)]
     # Move a byte from the header to the payload frame: same concatenation, different split.
     resplit = [frames[0][:-1], frames[0][-1:] + frames[1], frames[2]]
@@ -242,15 +248,15 @@ def test_frames_cannot_be_resplit() -> None:
 
 
 def test_wrong_key_is_forged() -> None:
-    frames = _valid_frames(WireCodec(b"other key"))
+    frames = _valid_frames(Codec(b"other key"))
     with pytest.raises(ForgedFrame):
-        WireCodec(KEY).decode(frames)
+        Codec(KEY).decode(frames)
 
 
 def test_nothing_unauthenticated_reaches_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[object] = []
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: calls.append(a))
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     evil = pickle.dumps(Exception("pwned"))  # stands in for a malicious pickle
     frames = [bytes(f) for f in codec.encode(Message("t", "a", "b", 1), incarnation="i", seq=1)]
     frames[1] = evil
@@ -262,7 +268,7 @@ def test_nothing_unauthenticated_reaches_pickle(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_signed_and_unsigned_do_not_mix() -> None:
-    signed, unsigned = WireCodec(KEY), WireCodec(None)
+    signed, unsigned = Codec(KEY), Codec(None)
     msg = Message("t", "a", "b", [1])
     with pytest.raises(FrameError):
         signed.decode(unsigned.encode(msg, incarnation="i", seq=1))
@@ -271,10 +277,10 @@ def test_signed_and_unsigned_do_not_mix() -> None:
 
 
 def test_long_keys_are_accepted_and_empty_keys_are_not() -> None:
-    codec = WireCodec(b"x" * 200)
+    codec = Codec(b"x" * 200)
     assert codec.decode(codec.encode(Message("t", "a", "b", 1), incarnation="i", seq=1)).payload == 1
     with pytest.raises(ConfigError):
-        WireCodec(b"")
+        Codec(b"")
 
 
 # ------------------------------------------------------------------------------- malformed frames
@@ -299,7 +305,7 @@ def test_long_keys_are_accepted_and_empty_keys_are_not() -> None:
     ],
 )
 def test_malformed_frame_lists_raise_typed_errors(mangle, error) -> None:  # type: ignore[no-untyped-def]
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     frames = _valid_frames(codec)
     with pytest.raises(error):
         codec.decode(mangle(frames))
@@ -343,20 +349,20 @@ def _fields(**changes: object) -> list[object]:
     ],
 )
 def test_bad_headers_are_malformed_even_when_signed(header: bytes) -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     with pytest.raises(MalformedFrame):
         codec.decode(_signed_with_header(codec, header, [pickle.dumps(1)]))
 
 
 def test_wrong_version_is_named() -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     frames = _signed_with_header(codec, msgpack.packb(_fields(version=99)), [pickle.dumps(1)])
     with pytest.raises(MalformedFrame, match="version 99"):
         codec.decode(frames)
 
 
 def test_authenticated_but_undecodable_payload_is_malformed() -> None:
-    codec = WireCodec(KEY)
+    codec = Codec(KEY)
     header = msgpack.packb(_fields())
     with pytest.raises(MalformedFrame):
         codec.decode(_signed_with_header(codec, header, [b"not a pickle"]))
@@ -367,7 +373,7 @@ def test_authenticated_but_undecodable_payload_is_malformed() -> None:
 
 
 def test_oversized_is_refused_from_lengths_before_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
-    codec = WireCodec(KEY, max_message_bytes=100_000)
+    codec = Codec(KEY, max_message_bytes=100_000)
     frames = [b"h" * 10, b"p" * 200_000, b"m" * 32]
     monkeypatch.setattr(type(codec._mac), "compute", lambda *a: pytest.fail("hashed an oversized message"))
     with pytest.raises(OversizedFrame):
@@ -375,7 +381,7 @@ def test_oversized_is_refused_from_lengths_before_hashing(monkeypatch: pytest.Mo
 
 
 def test_encode_refuses_what_the_receiver_would_refuse() -> None:
-    codec = WireCodec(KEY, max_message_bytes=100_000)
+    codec = Codec(KEY, max_message_bytes=100_000)
     with pytest.raises(ConfigError, match="max_message_bytes"):
         codec.encode(Message("t", "a", "b", b"x" * 200_000), incarnation="i", seq=1)
     with pytest.raises(ConfigError):
@@ -395,7 +401,7 @@ def test_frame_errors_are_transport_errors() -> None:
 
 
 def test_msgpack_codec_rejects_unsupported_payloads_at_encode() -> None:
-    codec = WireCodec(KEY, codec="msgpack")
+    codec = Codec(KEY, codec="msgpack")
     for payload in (np.arange(3), {1, 2}, object()):
         with pytest.raises(ConfigError, match="msgpack"):
             codec.encode(Message("t", "a", "b", payload), incarnation="i", seq=1)
@@ -404,7 +410,7 @@ def test_msgpack_codec_rejects_unsupported_payloads_at_encode() -> None:
 
 
 def test_msgpack_codec_never_unpickles() -> None:
-    pickler, safe = WireCodec(KEY, codec="pickle"), WireCodec(KEY, codec="msgpack")
+    pickler, safe = Codec(KEY, codec="pickle"), Codec(KEY, codec="msgpack")
     frames = pickler.encode(Message("t", "a", "b", [1]), incarnation="i", seq=1)
     with pytest.raises(MalformedFrame, match="msgpack-only"):
         safe.decode(frames)
@@ -413,18 +419,18 @@ def test_msgpack_codec_never_unpickles() -> None:
 
 
 def test_msgpack_keeps_non_string_keys_and_binary() -> None:
-    codec = WireCodec(KEY, codec="msgpack")
+    codec = Codec(KEY, codec="msgpack")
     payload = {1: b"\x00\x01", "x": [None, True, 1.5]}
     assert roundtrip(codec, Message("t", "a", "b", payload))[1].payload == payload
 
 
 def test_unknown_codec_and_bad_options() -> None:
     with pytest.raises(ConfigError):
-        WireCodec(KEY, codec="json")
+        Codec(KEY, codec="json")
     with pytest.raises(ConfigError):
-        WireCodec(KEY, max_message_bytes=10)
+        Codec(KEY, max_message_bytes=10)
     with pytest.raises(ConfigError):
-        WireCodec(KEY, zero_copy_threshold=0)
+        Codec(KEY, zero_copy_threshold=0)
 
 
 # ----------------------------------------------------------------------------------- replay guard
@@ -465,10 +471,62 @@ def test_replay_guard_memory_is_bounded() -> None:
 
 
 def test_replay_guard_with_the_codec() -> None:
-    codec, guard = WireCodec(KEY), ReplayGuard()
+    codec, guard = Codec(KEY), ReplayGuard()
     frames = codec.encode(Message("t", "a", "b"), incarnation="inc", seq=1)
     h = codec.decode_header(frames)
     guard.check(h.source, h.incarnation, h.seq)
     with pytest.raises(ReplayedFrame):  # the same frames again
         h2 = codec.decode_header(frames)
         guard.check(h2.source, h2.incarnation, h2.seq)
+
+
+# ------------------------------------------------------------------------- compact single frames
+
+
+@pytest.mark.parametrize("key", [KEY, None], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("codec_name", ["pickle", "msgpack"])
+def test_small_messages_travel_as_one_frame_and_round_trip(key, codec_name):
+    codec = WireCodec(key, codec=codec_name)
+    message = SessionMessage(tag="sum", source="master", destination="worker_1", payload=[1, "two", 3.0])
+    frames = codec.encode(message, incarnation="inc", seq=5, to_incarnation="dest")
+    assert len(frames) == 1 and bytes(frames[0])[0] == 0xC1
+    header = codec.decode_header(frames)
+    assert (header.tag, header.seq, header.to_incarnation, header.verified) == ("sum", 5, "dest", True)
+    out = codec.decode(frames, header)
+    assert out.payload == [1, "two", 3.0] and out.message_id == message.message_id
+    assert codec.decode([memoryview(frames[0])]).payload == [1, "two", 3.0]  # any buffer will do
+
+
+def test_big_payloads_still_travel_as_separate_frames():
+    frames = WireCodec(KEY).encode(Message("x", "a", "b", payload=b"\x00" * 200_000), incarnation="i", seq=1)
+    assert len(frames) > 1
+
+
+def test_a_compact_frame_with_any_flipped_byte_is_rejected():
+    codec = WireCodec(KEY)
+    [frame] = codec.encode(Message("x", "a", "b", payload={"k": 1}), incarnation="i", seq=1)
+    for i in range(len(frame)):
+        mutated = bytearray(frame)
+        mutated[i] ^= 0x01
+        with pytest.raises(FrameError):
+            codec.decode([bytes(mutated)])
+
+
+@pytest.mark.parametrize("cut", [1, 4, 5, 20, -33, -1])
+def test_truncated_or_lying_compact_frames_are_malformed(cut):
+    codec = WireCodec(KEY)
+    [frame] = codec.encode(Message("x", "a", "b", payload=1), incarnation="i", seq=1)
+    with pytest.raises(FrameError):
+        codec.decode([frame[:cut]])
+    liar = frame[:1] + (10**6).to_bytes(4, "little") + frame[5:]
+    with pytest.raises(MalformedFrame):
+        codec.decode([liar])
+
+
+def test_compact_and_split_frames_carry_the_same_mac():
+    compact, split = WireCodec(KEY), WireCodec(KEY, compact=False)
+    message = Message("x", "a", "b", payload=[1, 2])
+    [frame] = compact.encode(message, incarnation="i", seq=1)
+    header, payload, mac = split.encode(message, incarnation="i", seq=1)
+    assert frame[-32:] == mac and split.decode([frame]).payload == [1, 2]
+    assert compact.decode([header, payload, mac]).payload == [1, 2]
