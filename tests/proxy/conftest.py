@@ -15,3 +15,17 @@ def pair(registry_url):
     yield master, worker, group
     worker.close()
     master.close()
+
+
+@pytest.fixture
+def master_and_workers(registry_url):
+    """A master and three worker proxies (worker_0..worker_2) in a fresh group, the master's view current."""
+    group = new_group()
+    master = make_proxy(registry_url, group, "master", "master")
+    workers = [make_proxy(registry_url, group, "worker", f"worker_{i}", expected_peers={"master": 1})
+               for i in range(3)]
+    master._refresh_members_now()
+    yield master, workers
+    for worker in workers:
+        worker.close()
+    master.close()

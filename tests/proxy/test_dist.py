@@ -101,33 +101,23 @@ def test_on_error_sees_the_failure_and_the_loop_goes_on(pair):
     assert seen == [("ValueError", "first", boom), ("ValueError", "second", boom)]
 
 
-def test_percentage_rules_follow_the_live_peers(registry_url):
-    from proxy_helpers import make_proxy, new_group
+def test_percentage_rules_follow_the_live_peers(master_and_workers):
+    master, workers = master_and_workers
+    quorum = []
 
-    group = new_group()
-    with make_proxy(registry_url, group, "master", "master") as master:
-        workers = [make_proxy(registry_url, group, "worker", f"worker_{i}", expected_peers={"master": 1})
-                   for i in range(3)]
-        try:
-            master._refresh_members_now()
-            quorum = []
+    def on_quorum(that, proxy, messages):
+        quorum.append(sorted(m.source for m in messages))
+        proxy.stop()
 
-            def on_quorum(that, proxy, messages):
-                quorum.append(sorted(m.source for m in messages))
-                proxy.stop()
+    @dist(master, {"worker:update:60%": on_quorum})
+    class Server:
+        pass
 
-            @dist(master, {"worker:update:60%": on_quorum})
-            class Server:
-                pass
-
-            for worker in workers[:2]:
-                worker.isend(SessionMessage(tag="update", source=worker.name, destination="master",
-                                            session_type=SessionType.NOTIFICATION))
-            Server().launch(handle_sigterm=False)
-            assert quorum == [["worker_0", "worker_1"]]  # 60% of 3 live workers = 2
-        finally:
-            for worker in workers:
-                worker.close()
+    for worker in workers[:2]:
+        worker.isend(SessionMessage(tag="update", source=worker.name, destination="master",
+                                    session_type=SessionType.NOTIFICATION))
+    Server().launch(handle_sigterm=False)
+    assert quorum == [["worker_0", "worker_1"]]  # 60% of 3 live workers = 2
 
 
 def test_named_rules_from_a_spec_and_bad_keys(pair, tmp_path):

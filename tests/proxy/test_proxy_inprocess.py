@@ -89,23 +89,15 @@ def test_receive_once_times_out_and_receive_iterator_stops_when_idle(pair):
     assert list(master.receive(timeout=0.1)) == []
 
 
-def test_scatter_and_broadcast_reach_every_worker(registry_url):
-    group = new_group()
-    with make_proxy(registry_url, group, "master", "master") as master:
-        workers = [make_proxy(registry_url, group, "worker", f"worker_{i}", expected_peers={"master": 1})
-                   for i in range(3)]
-        try:
-            master._refresh_members_now()
-            assert master.peers == {"worker": ["worker_0", "worker_1", "worker_2"]}
-            ids = master.iscatter("part", SessionType.TASK, [(w.name, i) for i, w in enumerate(workers)])
-            bids = master.ibroadcast("worker", "all", SessionType.TASK, payload="hello")
-            assert len(ids) == 3 and len(bids) == 3
-            for worker in workers:
-                got = sorted((m.tag, m.payload) for m in (worker.receive_once(timeout=5) for _ in range(2)))
-                assert got == sorted([("part", int(worker.name[-1])), ("all", "hello")])
-        finally:
-            for worker in workers:
-                worker.close()
+def test_scatter_and_broadcast_reach_every_worker(master_and_workers):
+    master, workers = master_and_workers
+    assert master.peers == {"worker": ["worker_0", "worker_1", "worker_2"]}
+    ids = master.iscatter("part", SessionType.TASK, [(w.name, i) for i, w in enumerate(workers)])
+    bids = master.ibroadcast("worker", "all", SessionType.TASK, payload="hello")
+    assert len(ids) == 3 and len(bids) == 3
+    for worker in workers:
+        got = sorted((m.tag, m.payload) for m in (worker.receive_once(timeout=5) for _ in range(2)))
+        assert got == sorted([("part", int(worker.name[-1])), ("all", "hello")])
 
 
 def test_forward_keeps_the_session_and_the_reply_comes_back_to_the_forwarder(registry_url):

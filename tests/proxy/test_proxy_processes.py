@@ -125,7 +125,7 @@ def test_close_returns_promptly_with_a_dead_peer_and_unsent_messages(workers):
     try:
         peer.wait_ready()
         peer.signal(signal.SIGSTOP)  # frozen: its socket is open but nothing is read
-        for i in range(200):
+        for _ in range(200):
             master.isend(Message(tag="echo", source="master", destination="worker_000", payload=b"x" * 100_000))
     finally:
         started = time.monotonic()
