@@ -138,12 +138,16 @@ class _Membership(threading.Thread):
             self.join(timeout)
 
     def run(self) -> None:
-        try:
-            self._loop()
-        except Exception:
-            if not self._stop_event.is_set():
-                raise
-            # close() released the registry under a call that outlived the join timeout: nothing to do.
+        # This thread keeps our lease alive: if it died, every peer would drop us. An unexpected error is
+        # logged and the loop goes on (after a pause, so a persistent fault cannot spin).
+        while not self._stop_event.is_set():
+            try:
+                self._loop()
+            except Exception:
+                if self._stop_event.is_set():
+                    return  # close() released the registry under a call that outlived the join timeout
+                logger.exception("%s: membership refresh failed unexpectedly; retrying", self._proxy.name)
+                self._stop_event.wait(self._proxy.liveness.refresh)
 
     def _loop(self) -> None:
         proxy = self._proxy

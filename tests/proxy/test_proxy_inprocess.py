@@ -285,3 +285,23 @@ def test_a_registry_object_handed_in_is_shared_not_closed():
     assert registry.members(group).keys() == {"w1"}  # still usable after the first close
     worker.close()
     assert registry.members(group) == {}
+
+
+def test_the_membership_thread_survives_an_unexpected_error(pair, monkeypatch, caplog):
+    master, worker, _ = pair
+    calls = []
+    real_members = master._registry.members
+
+    def flaky(group):
+        calls.append(group)
+        if len(calls) == 1:
+            raise RuntimeError("surprise")
+        return real_members(group)
+
+    monkeypatch.setattr(master._registry, "members", flaky)
+    with caplog.at_level("ERROR"):
+        deadline = time.monotonic() + 5
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(calls) >= 3 and master._membership.is_alive()
+    assert "membership refresh failed unexpectedly" in caplog.text
