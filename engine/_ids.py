@@ -11,16 +11,18 @@ import itertools
 import os
 import uuid
 
-_prefix = ""
 _counter = itertools.count()
+_format = "%012x".__mod__
 
 
 def _reseed() -> None:
-    global _prefix, _counter
+    global _counter, _format
     h = uuid.uuid4().hex
     # 8-4-4(version nibble 4)-4(variant nibble 8..b)-: the node part is the counter.
-    _prefix = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-"
+    prefix = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-"
     _counter = itertools.count(int(h[20:], 16) & 0xFFFFFF)
+    # A bound `%` of a prebuilt template is the cheapest formatting CPython offers (~0.35 us vs ~0.6 us).
+    _format = (prefix.replace("%", "%%") + "%012x").__mod__
 
 
 _reseed()
@@ -30,4 +32,4 @@ if hasattr(os, "register_at_fork"):
 
 def new_id() -> str:
     """A new unique id, formatted as a UUID string."""
-    return f"{_prefix}{next(_counter):012x}"
+    return _format(next(_counter))
