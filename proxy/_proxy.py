@@ -9,6 +9,7 @@ This module imports neither zmq nor redis: the driver and the registry are objec
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -822,8 +823,9 @@ class Proxy:
                     self._peer_back(event.peer)
         self._absorb()
 
-    def _on_frames(self, frames: list[Any]) -> None:
+    def _on_frames(self, frames: Sequence[Any]) -> None:
         try:
+            frames = self._codec.split(frames)  # once, for both decode calls below
             header = self._codec.decode_header(frames)  # checks the MAC before anything is trusted
             self._check_sender(header)
             self._replay.check(header.source, header.incarnation, header.seq)
@@ -1032,6 +1034,7 @@ class Proxy:
 _ONE_WAY_EVENTS = frozenset({"received", "peer_lost", "timeout"})
 
 
+@functools.lru_cache(maxsize=256)  # once per session type, not once per message sent
 def _type_expects_reply(compiled: Any) -> bool:
     """A session type whose only events are arrival, peer loss and expiry (a notification) is one-way."""
     return not set(compiled.events) <= _ONE_WAY_EVENTS

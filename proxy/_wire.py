@@ -382,6 +382,14 @@ class WireCodec:
         self._payload_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
         self._compact = compact
 
+    def split(self, frames: Sequence[Any]) -> Sequence[Any]:
+        """`frames` with a compact single frame split into [header, payload(, mac)]; others as they are.
+
+        Decoding does this itself; a caller that decodes the header and then the payload can split once
+        first so the work is not done twice. Raises MalformedFrame for a compact frame that lies.
+        """
+        return _expand(frames, self._mac is not None)
+
     @property
     def signed(self) -> bool:
         """True when frames carry a MAC (the codec has a key)."""

@@ -44,8 +44,10 @@ def _pump_until_dropped(proxy, count: int, timeout: float = 5.0) -> None:
     assert proxy.stats.dropped_frames >= count, proxy.stats
 
 
-def _frames(codec: WireCodec, message: Message, incarnation: str, seq: int) -> list[bytes]:
-    return [bytes(f) for f in codec.encode(message, incarnation=incarnation, seq=seq)]
+def _frames(codec: WireCodec, message: Message, incarnation: str, seq: int, to_incarnation: str = ""
+            ) -> list[bytes]:
+    return [bytes(f) for f in codec.encode(message, incarnation=incarnation, seq=seq,
+                                           to_incarnation=to_incarnation)]
 
 
 def test_garbage_and_truncated_frames_are_dropped_counted_and_logged(pair, caplog):
@@ -180,14 +182,11 @@ def test_malformed_registry_entries_do_not_stop_a_join(registry_url):
 def test_frames_meant_for_an_earlier_process_under_the_same_name_are_dropped(pair, registry_url):
     master, worker, group = pair
     codec = WireCodec(RedisRegistry(registry_url).group_key(group))
-    stale = _frames_to(codec, Message(tag="old", source="master", destination="worker_001"),
+    stale = _frames(codec, Message(tag="old", source="master", destination="worker_001"),
                        master.incarnation, 10**9, to_incarnation="0" * 32)
-    fresh = _frames_to(codec, Message(tag="new", source="master", destination="worker_001"),
+    fresh = _frames(codec, Message(tag="new", source="master", destination="worker_001"),
                        master.incarnation, 10**9 + 1, to_incarnation=worker.incarnation)
     _inject(worker._record.address, [stale, fresh])
     assert worker.receive_once(timeout=5).tag == "new"
     assert worker.stats.dropped_frames == 1
 
-
-def _frames_to(codec: WireCodec, message: Message, incarnation: str, seq: int, to_incarnation: str) -> list[bytes]:
-    return [bytes(f) for f in codec.encode(message, incarnation=incarnation, seq=seq, to_incarnation=to_incarnation)]
