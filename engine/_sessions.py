@@ -649,6 +649,17 @@ class SessionTracker:
                 moved.append(session)
         return moved
 
+    def settle(self, session_id: str) -> None:
+        """Move live `session_id` to the finished LRU in the stage it is in (unknown ids are ignored).
+
+        For a sender's side of a one-way session (a notification that went out): nothing more will come
+        back for it, so keeping it live would grow the live index with every message sent. Its stage stays
+        readable (bounded by `max_finished`) and no later event moves it.
+        """
+        session = self._live.pop(session_id, None)
+        if session is not None:
+            self._remember_finished(session)
+
     def discard(self, session_id: str) -> None:
         """Stop tracking `session_id` (live or finished); unknown ids are ignored."""
         self._live.pop(session_id, None)

@@ -560,8 +560,8 @@ class Proxy:
             return _type_expects_reply(compiled)
         return True
 
-    def _transmit(self, message: Message) -> None:
-        """Hand one message to the driver, or hold it for a gone peer."""
+    def _transmit(self, message: Message) -> bool:
+        """Hand one message to the driver (True), or hold it for a gone peer (False)."""
         peer = message.destination
         if peer == self.name:
             raise ConfigError(f"{self.name!r} cannot send to itself")
@@ -569,9 +569,11 @@ class Proxy:
             self._hold(peer, message)
             if peer not in self._gone:
                 self._flush_held(peer)  # an earlier flush stalled (full queue): try again
-            return
+            return False
         if not self._send_now(peer, message):
             self._hold(peer, message)
+            return False
+        return True
 
     def _send_now(self, peer: str, message: Message) -> bool:
         """Send to a peer not known to be gone; False (sending nothing) if its channel turned out broken."""
@@ -660,6 +662,10 @@ class Proxy:
                 return
             queue.popleft()  # only once the driver took it: a message is never sent twice
             delivered += 1
+            if isinstance(message, SessionMessage) and message.session_id not in self._awaiting:
+                session = self._tracker.find(message.session_id)
+                if session is not None and not _type_expects_reply(session.type):
+                    self._tracker.settle(message.session_id)  # a one-way message that finally went out
         self._held.pop(peer, None)
         logger.info("%s: delivered %d held messages to %r", self.name, delivered, peer)
 
@@ -671,16 +677,21 @@ class Proxy:
             self._failed.pop(sid, None)
             self._refused.pop(sid, None)
             self._tracker.discard(sid)
-        if self._start_session(message):
-            self._awaiting[message.session_id] = message.destination
+        expects_reply = self._start_session(message)
+        if expects_reply:
+            self._awaiting[sid] = message.destination
         try:
-            self._transmit(message)
+            sent = self._transmit(message)
         except BaseException as exc:
             self._awaiting.pop(message.session_id, None)
             if isinstance(exc, Error):  # never sent, so the session cannot go on: end it, the error says why
                 self._tracker.try_fire(message.session_id, "timeout" if isinstance(exc, Timeout) else "peer_lost")
             raise
-        return message.session_id
+        if sent and not expects_reply:
+            # A one-way message that went out: nothing will come back for it, so the session leaves the live
+            # index (its stage, "request", stays readable) instead of growing it with every message.
+            self._tracker.settle(sid)
+        return sid
 
     def isend(self, message: Message) -> list[str]:
         """Send without waiting; returns the session id(s) to collect replies with `receive_by_id`."""

@@ -111,6 +111,19 @@ def test_max_finished_zero_forgets_at_once_and_negative_is_refused() -> None:
         SessionTracker(max_finished=-1)
 
 
+def test_settle_moves_a_live_session_to_the_finished_lru_in_its_stage() -> None:
+    tracker = SessionTracker(max_finished=1)
+    tracker.start("n1", SessionType.NOTIFICATION, peer="worker_1")
+    tracker.settle("n1")
+    tracker.settle("unknown")  # ignored
+    assert tracker.live == 0 and tracker.stage("n1") == "request"
+    assert tracker.fail_peer("worker_1") == []  # settled: no later event moves it
+    assert not tracker.try_fire("n1", "received") and tracker.stage("n1") == "request"
+    tracker.start("n2", SessionType.NOTIFICATION)
+    tracker.settle("n2")
+    assert "n1" not in tracker and tracker.stage("n2") == "request"  # bounded by max_finished
+
+
 def test_peer_failure_moves_pending_sessions_with_that_peer() -> None:
     tracker = SessionTracker()
     tracker.start("t1", SessionType.TASK, peer="worker_1")

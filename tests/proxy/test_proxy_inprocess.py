@@ -59,6 +59,17 @@ def test_notification_stages_and_send_returns_without_reply(pair):
     assert master.session_stage(note.session_id) == "request"
 
 
+def test_sent_notifications_do_not_grow_the_live_session_index(pair):
+    master, worker, _ = pair
+    live_before = master._tracker.live
+    ids = [master.isend(SessionMessage(tag="tick", source="master", destination="worker_001", payload=i,
+                                       session_type=SessionType.NOTIFICATION))[0] for i in range(200)]
+    assert master._tracker.live == live_before  # nothing comes back for them: they are settled, not live
+    assert master.session_stage(ids[-1]) == "request"  # still readable
+    assert [worker.receive_once(timeout=5).payload for _ in range(200)] == list(range(200))
+    assert worker._tracker.live == 0  # the receiving side ends them in "receive"
+
+
 def test_receive_by_id_keeps_other_sessions_for_receive(pair):
     master, worker, _ = pair
     ids = [master.isend(SessionMessage(tag="n", source="master", destination="worker_001", payload=i))[0]
