@@ -1001,14 +1001,15 @@ class Proxy:
             missing = [sid for sid in ids if sid not in got and sid not in no_reply]
             if not missing:
                 return [got[sid] for sid in ids if sid in got]
-            lost = [(sid, self._failed[sid]) for sid in missing if sid in self._failed]
+            lost = [(sid, self._failed[sid]) for sid in missing if sid in self._failed] if self._failed else None
             if lost:
                 peers = sorted({peer for _, peer in lost})
                 exc = PeerGone(peers[0], f"{self.name}: peer(s) {peers} lost with sessions "
                                          f"{[sid for sid, _ in lost]} pending", session_ids=[s for s, _ in lost])
                 exc.replies = [got[sid] for sid in ids if sid in got]  # type: ignore[attr-defined]
                 raise exc
-            refused = [(sid, self._refused[sid]) for sid in missing if sid in self._refused]
+            refused = ([(sid, self._refused[sid]) for sid in missing if sid in self._refused] if self._refused
+                       else None)
             if refused:
                 peers = sorted({peer for _, peer in refused})
                 exc1 = DeliveryRefused(peers[0], f"{self.name}: messages held for gone peer(s) {peers} expired "

@@ -28,16 +28,14 @@ authenticated. Every problem comes out as a `FrameError` subclass, whatever the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
-import os
 import pickle
 import struct
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -54,7 +52,7 @@ from rallypoint.errors import (
 
 __all__ = ["VERSION", "Header", "ReplayGuard", "WireCodec"]
 
-VERSION = 1
+VERSION = 2
 """Wire format version, the first field of every header; a receiver refuses any other."""
 
 CODECS = {"pickle": 0, "msgpack": 1}
@@ -138,36 +136,35 @@ class Header(NamedTuple):
 
 
 class _MacScheme:
-    """Keyed BLAKE2b over an unambiguous encoding of the frames; big frames enter as SHA-256 digests.
+    """Keyed BLAKE2b over an unambiguous encoding of the frames; big frames enter as one-time Poly1305 tags.
 
-    MAC = BLAKE2b-256(key=K, person="rallypoint.v1")(
-              u32 frame count || u64 length of each frame || for each frame, in order:
-                  the frame itself                          if it is shorter than 4 KiB,
-                  SHA-256(frame)                            if it is shorter than 8 MiB,
-                  SHA-256(chunk) for each 4 MiB chunk       otherwise (the last chunk may be shorter))
+    MAC = BLAKE2b-256(key=K, person="rallypoint.v2")(
+              u32 frame count || u64 length of each frame || for each frame i, in order:
+                  the frame itself                          if it is shorter than 4 KiB (or i == 0),
+                  Poly1305(k_i, frame)                      otherwise
+          )
+    k_i = BLAKE2b-256(key=K, person="rallypoint.otk")(header frame || u32 i)
 
-    Why this construction (measured on this machine, Python 3.11, OpenSSL with SHA extensions):
+    Why this construction (measured on this machine, Python 3.11, OpenSSL):
     - small messages: keyed BLAKE2b from a pre-keyed state (`.copy()`) costs ~1-2 us for header + payload;
       HMAC-SHA256 costs ~5 us (two SHA-256 passes plus the HMAC object), so BLAKE2b is the fast choice.
-    - big buffers: SHA-256 runs at ~1.3 GB/s, BLAKE2b at ~0.37 GB/s, so big frames are digested with SHA-256
-      and only the 32-byte digests go through the keyed BLAKE2b.
-    - very big frames are hashed in 4 MiB chunks on a small thread pool (hashlib drops the GIL): 64 MiB takes
-      ~23 ms instead of ~45 ms on this 2-core machine, and scales with cores. The pool only serves frames of
-      8 MiB and more, where the hand-off (tens of microseconds) is lost in the noise; small messages never
-      leave the calling thread.
-    Soundness: this is hash-then-MAC. The lengths come first, so frames cannot be re-split or re-ordered, and
-    how a frame entered (raw, one digest, or chunk digests) follows from its authenticated length, so the
-    encoding is injective. Forging a tag therefore needs either a forgery against keyed BLAKE2b (a PRF; its
-    keyed mode is the designed MAC mode) or two different inputs with the same SHA-256 (collision
-    resistance). The key is never used outside this construction (`person` separates it from any other
-    BLAKE2b use of the same key).
+    - big buffers: Poly1305 runs at ~5.7 GB/s on one core, SHA-256 at ~1.4 GB/s and BLAKE2b at ~0.6 GB/s.
+      A 64 MiB array costs ~12 ms per side instead of ~23 ms for SHA-256 spread over two threads. Below
+      4 KiB a Poly1305 call (~6 us of call overhead) costs more than feeding the bytes to BLAKE2b.
+    Soundness: the lengths come first, so frames cannot be re-split or re-ordered, and how a frame entered
+    (raw or as a tag) follows from its authenticated length, so the encoding is injective. A big frame enters
+    as a Poly1305 tag under a one-time key derived from the group key and the header, which holds the
+    sender's random incarnation and its strictly increasing seq: no two messages share a key (a replayed
+    header is refused by the replay guard), and the tags never leave this process (only the BLAKE2b output
+    travels). Poly1305 with a secret one-time key is an almost-universal hash, so swapping a big frame for
+    another without changing the MAC input succeeds with probability about 2^-100 per attempt; everything
+    else needs a forgery against keyed BLAKE2b (a PRF; its keyed mode is the designed MAC mode). The key is
+    never used outside this construction (`person` separates the two BLAKE2b uses).
     """
 
     DIGEST_THRESHOLD = 4096
-    CHUNK = 4 << 20
-    PARALLEL_THRESHOLD = 8 << 20
 
-    __slots__ = ("_base", "_structs")
+    __slots__ = ("_base", "_otk_base", "_structs")
 
     def __init__(self, key: bytes) -> None:
         if not isinstance(key, (bytes, bytearray)) or not key:
@@ -175,7 +172,8 @@ class _MacScheme:
         key = bytes(key)
         if len(key) > 64:  # BLAKE2b keys are at most 64 bytes: compress longer ones, keeping their entropy
             key = hashlib.blake2b(key, person=b"rallypoint.kdf").digest()
-        self._base = hashlib.blake2b(key=key, digest_size=_MAC_BYTES, person=b"rallypoint.v1")
+        self._base = hashlib.blake2b(key=key, digest_size=_MAC_BYTES, person=b"rallypoint.v2")
+        self._otk_base = hashlib.blake2b(key=key, digest_size=32, person=b"rallypoint.otk")
         self._structs: dict[int, struct.Struct] = {}
 
     def _lengths_struct(self, n: int) -> struct.Struct:
@@ -187,54 +185,46 @@ class _MacScheme:
         return s
 
     def compute(self, frames: Sequence[Any], lengths: Sequence[int]) -> bytes:
+        """The MAC of `frames` (the first is the header), given their lengths in bytes."""
         n = len(lengths)
         h = self._base.copy()  # a pre-keyed state: copying it is ~10x cheaper than keying a new one
         h.update(self._lengths_struct(n).pack(n, *lengths))
         threshold = self.DIGEST_THRESHOLD
-        sha256 = hashlib.sha256
-        for frame, size in zip(frames, lengths, strict=False):
-            if size < threshold:
+        for i, (frame, size) in enumerate(zip(frames, lengths, strict=False)):
+            if size < threshold or i == 0:
                 h.update(frame)
-            elif size < self.PARALLEL_THRESHOLD:
-                h.update(sha256(frame).digest())  # sha256 drops the GIL
             else:
-                h.update(_chunk_digests(frame, size, self.CHUNK))
+                h.update(self._one_time_tag(frames[0], i, frame))
         return h.digest()
 
+    def compute_pair(self, header: Any, payload: Any, header_length: int, payload_length: int) -> bytes:
+        """`compute([header, payload], [header_length, payload_length])`, without the lists and the loop:
+        a small message's MAC is on every message's path."""
+        if payload_length >= self.DIGEST_THRESHOLD:
+            return self.compute((header, payload), (header_length, payload_length))
+        h = self._base.copy()
+        h.update(_LENGTHS_OF_TWO.pack(2, header_length, payload_length))
+        h.update(header)
+        h.update(payload)
+        return h.digest()
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        with _pool_lock:
-            if _pool is None:
-                workers = max(2, min(8, os.cpu_count() or 2))
-                _pool = ThreadPoolExecutor(workers, thread_name_prefix="rallypoint-hash")
-    return _pool
-
-
-def _forget_pool_after_fork() -> None:
-    global _pool, _pool_lock
-    _pool = None  # its threads did not survive the fork
-    _pool_lock = threading.Lock()
+    def _one_time_tag(self, header: Any, index: int, frame: Any) -> bytes:
+        otk = self._otk_base.copy()
+        otk.update(header)
+        otk.update(_U32.pack(index))
+        return _poly1305().generate_tag(otk.digest(), frame)
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+_U32 = struct.Struct("<I")
+_LENGTHS_OF_TWO = struct.Struct("<I2Q")
 
 
-def _sha256_digest(chunk: memoryview) -> bytes:
-    return hashlib.sha256(chunk).digest()
+@functools.lru_cache(maxsize=1)
+def _poly1305() -> Any:
+    """cryptography's Poly1305, imported on the first big frame (its bindings cost ~20 ms to import)."""
+    from cryptography.hazmat.primitives.poly1305 import Poly1305
 
-
-def _chunk_digests(frame: Any, size: int, chunk: int) -> bytes:
-    """SHA-256 of each `chunk`-byte piece of `frame`, concatenated, hashed in parallel."""
-    view = memoryview(frame).cast("B")
-    pieces = [view[i : i + chunk] for i in range(0, size, chunk)]
-    return b"".join(_hash_pool().map(_sha256_digest, pieces))
+    return Poly1305
 
 
 def _nbytes(frame: Any) -> int:
@@ -438,6 +428,17 @@ class WireCodec:
             header = self._packer.pack(fields)
         except (TypeError, ValueError, OverflowError) as exc:  # e.g. a seq beyond 64 bits
             raise ConfigError(f"cannot encode the message header: {exc}") from exc
+        if self._compact and len(payload_frames) == 1:
+            payload = payload_frames[0]
+            header_length = len(header)
+            payload_length = _nbytes(payload)
+            if payload_length < self._zc:  # the common small message: one compact frame
+                if header_length + payload_length + _MAC_BYTES > self._max:
+                    raise ConfigError(f"message {message.message_id} is {header_length + payload_length} bytes, "
+                                      f"over max_message_bytes={self._max}")
+                mac = (self._mac.compute_pair(header, payload, header_length, payload_length)
+                       if self._mac is not None else b"")
+                return [b"".join((_COMPACT_PREFIX.pack(_COMPACT_MARK, header_length), header, payload, mac))]
         frames: list[Any] = [header]
         frames.extend(payload_frames)
         lengths = [len(header)]
@@ -447,11 +448,8 @@ class WireCodec:
             raise ConfigError(
                 f"message {message.message_id} is {total} bytes, over max_message_bytes={self._max}"
             )
-        mac = self._mac.compute(frames, lengths) if self._mac is not None else b""
-        if self._compact and len(frames) == 2 and lengths[1] < self._zc:
-            return [b"".join((_COMPACT_PREFIX.pack(_COMPACT_MARK, lengths[0]), header, frames[1], mac))]
-        if mac:
-            frames.append(mac)
+        if self._mac is not None:
+            frames.append(self._mac.compute(frames, lengths))
         return frames
 
     def _encode_pickle(self, payload: Any) -> tuple[list[Any], int]:
@@ -529,7 +527,10 @@ class WireCodec:
                 if lengths[-1] != _MAC_BYTES:
                     raise ForgedFrame(f"mac frame of {lengths[-1]} bytes, expected {_MAC_BYTES}")
                 assert self._mac is not None
-                expected = self._mac.compute(frames[:-1], lengths[:-1])
+                if n == 3:  # header, one payload frame, mac: the small-message case
+                    expected = self._mac.compute_pair(frames[0], frames[1], lengths[0], lengths[1])
+                else:
+                    expected = self._mac.compute(frames[:-1], lengths[:-1])
                 if not hmac.compare_digest(expected, frames[-1]):
                     raise ForgedFrame("MAC mismatch: not signed with the group key, or altered")
                 verified = True
