@@ -255,6 +255,7 @@ class Proxy:
         self._driver: Driver = driver if driver is not None else self._default_driver(max_message_bytes, curve)
         self._incarnation = uuid.uuid4().hex
         self._seq = 0
+        self._shared_payload: tuple[Any, tuple[list[Any], int]] | None = None  # see ibroadcast
         self._tracker = SessionTracker()
         self._replay = ReplayGuard()
         # Incoming messages nobody has taken yet, by message id, plus an index by session for receive_by_id.
@@ -582,8 +583,10 @@ class Proxy:
                 self._refresh_members_now()
             self._connect(peer)
         record = self._members.get(peer)
+        shared = self._shared_payload
         frames = self._codec.encode(message, incarnation=self._incarnation, seq=self._next_seq(),
-                                    to_incarnation=record.incarnation if record is not None else "")
+                                    to_incarnation=record.incarnation if record is not None else "",
+                                    encoded_payload=shared[1] if shared and shared[0] is message.payload else None)
         try:
             self._driver.send(peer, frames, timeout=0)  # a channel that is up with room takes it at once
         except (PeerUnreachable, Timeout):
@@ -735,10 +738,16 @@ class Proxy:
         targets = [p for p, r in self._members.items() if r.component_type == component_type and p not in self._gone]
         if not targets:
             raise PeerUnreachable(component_type, f"no live peer of type {component_type!r} in the group")
-        return self._dispatch_all(
-            [SessionMessage(tag=tag, source=self.name, destination=peer, payload=payload,
-                            session_type=session_type) for peer in sorted(targets)]
-        )
+        messages = [SessionMessage(tag=tag, source=self.name, destination=peer, payload=payload,
+                                   session_type=session_type) for peer in sorted(targets)]
+        if len(targets) > 1 and payload is not None:
+            # Serialize the payload once for every target, not once per target (a parameter server
+            # broadcasting its weights). A message held for a gone peer is encoded again when it goes out.
+            self._shared_payload = (payload, self._codec.encode_payload(payload))
+        try:
+            return self._dispatch_all(messages)
+        finally:
+            self._shared_payload = None
 
     def broadcast(
         self,

@@ -395,16 +395,16 @@ class WireCodec:
 
     # ------------------------------------------------------------------------------ encode
 
-    def encode(self, message: Message, *, incarnation: str, seq: int, to_incarnation: str = "") -> list[Any]:
+    def encode(self, message: Message, *, incarnation: str, seq: int, to_incarnation: str = "",
+               encoded_payload: tuple[list[Any], int] | None = None) -> list[Any]:
         """The frames for `message`: [header, *payload frames, mac] (no mac frame when unsigned).
 
-        Raises ConfigError for a message that cannot be encoded: a payload the codec can't represent, a
-        non-text field, or more than `max_message_bytes` in total.
+        `encoded_payload` is what `encode_payload(message.payload)` returned, for a payload sent to several
+        peers (it is then serialized once). Raises ConfigError for a message that cannot be encoded: a
+        payload the codec can't represent, a non-text field, or more than `max_message_bytes` in total.
         """
-        if self._codec_id == 0:
-            payload_frames, flags = self._encode_pickle(message.payload)
-        else:
-            payload_frames, flags = self._encode_msgpack(message.payload)
+        payload_frames, flags = (encoded_payload if encoded_payload is not None
+                                 else self.encode_payload(message.payload))
         tag = message.tag
         if type(tag) is not str:
             tag = tag.value if isinstance(tag, Enum) else str(tag)
@@ -451,6 +451,13 @@ class WireCodec:
         if self._mac is not None:
             frames.append(self._mac.compute(frames, lengths))
         return frames
+
+    def encode_payload(self, payload: Any) -> tuple[list[Any], int]:
+        """The payload frames and flags of a message carrying `payload`; ConfigError if it can't be encoded.
+        Big buffers in the frames are views of the caller's memory (see the class docstring)."""
+        if self._codec_id == 0:
+            return self._encode_pickle(payload)
+        return self._encode_msgpack(payload)
 
     def _encode_pickle(self, payload: Any) -> tuple[list[Any], int]:
         threshold = self._zc

@@ -111,6 +111,26 @@ def test_scatter_and_broadcast_reach_every_worker(master_and_workers):
         assert got == sorted([("part", int(worker.name[-1])), ("all", "hello")])
 
 
+class _CountsPickling:
+    pickled = 0
+
+    def __init__(self, data: list[int]) -> None:
+        self.data = data
+
+    def __reduce__(self):
+        type(self).pickled += 1
+        return (_CountsPickling, (self.data,))
+
+
+def test_broadcast_serializes_its_payload_once_for_all_targets(master_and_workers):
+    master, workers = master_and_workers
+    payload = _CountsPickling(list(range(1000)))
+    before = _CountsPickling.pickled
+    master.ibroadcast("worker", "weights", SessionType.NOTIFICATION, payload=payload)
+    assert _CountsPickling.pickled - before == 1
+    assert [w.receive_once(timeout=5).payload.data for w in workers] == [payload.data] * 3
+
+
 def test_forward_keeps_the_session_and_the_reply_comes_back_to_the_forwarder(registry_url):
     group = new_group()
     with make_proxy(registry_url, group, "master", "master") as master, \
