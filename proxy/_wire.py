@@ -66,6 +66,7 @@ MAX_HEADER_BYTES = 64 * 1024  # a header is ~200 bytes; anything near this is ga
 MAX_FRAMES = 1 << 16  # header + payload frames + mac; more is garbage (or an attempt to burn our CPU)
 _HEADER_FIELDS = 15
 _BUILTIN_TYPES: dict[str | None, SessionType] = {t.value: t for t in SessionType}
+_TASK, _NOTIFICATION = SessionType.TASK, SessionType.NOTIFICATION
 _MAC_BYTES = 32
 _COMPACT_MARK = 0xC1  # the one byte msgpack never uses: a header frame cannot start with it
 _COMPACT_PREFIX = struct.Struct("<BI")
@@ -413,7 +414,9 @@ class WireCodec:
         if isinstance(message, SessionMessage):
             flags |= FLAG_SESSION
             st = message.session_type
-            session_type: str | None = st.value if isinstance(st, SessionType) else str(st)
+            # Identity first: an Enum's `.value` is a descriptor call, costly on every message.
+            session_type: str | None = "task" if st is _TASK else "notification" if st is _NOTIFICATION else (
+                st.value if isinstance(st, SessionType) else str(st))
             stage = message.session_stage
             event = message.event
         else:
@@ -517,7 +520,8 @@ class WireCodec:
         """
         try:
             signed = self._mac is not None
-            frames = _expand(frames, signed)
+            if len(frames) == 1:  # a compact frame (the proxy splits it once, before calling this)
+                frames = _expand(frames, signed)
             n = len(frames)
             if n < (2 if signed else 1):
                 raise MalformedFrame(f"{n} frame(s): too few for a message")
@@ -575,7 +579,8 @@ class WireCodec:
         """
         if header is None or not header.verified:
             header = self.decode_header(frames)
-        frames = _expand(frames, self._mac is not None)  # checked by decode_header: cannot raise here
+        if len(frames) == 1:
+            frames = _expand(frames, self._mac is not None)  # checked by decode_header: cannot raise here
         end = len(frames) - 1 if self._mac is not None else len(frames)
         payload = self._decode_payload(header, frames, end)
         try:
