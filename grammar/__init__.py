@@ -1,6 +1,7 @@
 """rallypoint.grammar: the rule and session-spec languages, parsed with Lark into frozen AST dataclasses.
 
-Knows nothing of messages or sockets.
+Knows nothing of messages or sockets. Lark itself is imported on the first text parsed (`_lalr`), so
+importing this package is cheap.
 """
 
 from ._ast import WILDCARD as WILDCARD

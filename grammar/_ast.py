@@ -6,10 +6,15 @@ Positions (`line`, `column`) are kept for error messages but take no part in equ
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Union
 
 WILDCARD = "*"
+
+# Deeper nesting is surely a mistake, and bounding it keeps the AST (and everything that recurses over it,
+# `str()` and `==` included) far from Python's recursion limit.
+MAX_NESTING = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,14 @@ Expr = Union[Unit, And, Or]
 
 def _wrap(expr: Expr) -> str:
     return f"({expr})" if isinstance(expr, Or) else str(expr)
+
+
+def combine(kind: type[And | Or], parts: Iterable[Expr]) -> Expr:
+    """Join parts under one operator, lifting the parts of nested nodes of the same operator."""
+    flat: list[Expr] = []
+    for part in parts:
+        flat.extend(part.parts if isinstance(part, kind) else (part,))
+    return kind(tuple(flat))
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,11 +5,12 @@ implementations, the registry interface with its Redis, embedded and in-memory i
 wire codec. Only `_zmq` imports zmq and only `_registry`/`_embedded` import redis/fakeredis.
 """
 
+from typing import TYPE_CHECKING
+
 from ._config import UNSET as UNSET
 from ._config import HoldPolicy as HoldPolicy
 from ._config import Liveness as Liveness
 from ._config import Timeouts as Timeouts
-from ._dist import dist as dist
 from ._driver import Driver as Driver
 from ._driver import DriverEvent as DriverEvent
 from ._driver import InMemoryDriver as InMemoryDriver
@@ -23,9 +24,17 @@ from ._registry import Registry as Registry
 from ._registry import registry_from as registry_from
 from ._wire import WireCodec as WireCodec
 
+if TYPE_CHECKING:
+    from ._dist import dist as dist
+
 
 def __getattr__(name: str) -> object:
-    # Imported on first use: ZmqDriver loads zmq, EmbeddedRegistryServer loads fakeredis (~160 ms).
+    # Imported on first use: ZmqDriver loads zmq, EmbeddedRegistryServer loads fakeredis (~160 ms), and dist
+    # is only for processes that use the decorator (a Proxy does not need it).
+    if name == "dist":
+        from ._dist import dist
+
+        return dist
     if name == "ZmqDriver":
         from ._zmq import ZmqDriver
 

@@ -213,7 +213,8 @@ class _MacScheme:
         otk = self._otk_base.copy()
         otk.update(header)
         otk.update(_U32.pack(index))
-        return _poly1305().generate_tag(otk.digest(), frame)
+        tag: bytes = _poly1305().generate_tag(otk.digest(), frame)
+        return tag
 
 
 _U32 = struct.Struct("<I")

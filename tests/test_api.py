@@ -38,3 +38,24 @@ def test_importing_the_engine_loads_neither_zmq_nor_redis():
             "print(sorted(m for m in ('zmq', 'redis', 'fakeredis') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_lark_loads_only_when_a_text_is_parsed():
+    # Every process of a job imports rallypoint.proxy and uses the built-in session types; Lark (~50 ms to
+    # import) must wait for a rule or spec text to parse. The built-in specs come from their saved ASTs.
+    code = (
+        "import sys, rallypoint, rallypoint.engine, rallypoint.proxy\n"
+        "from rallypoint.proxy import InMemoryNetwork, InMemoryRegistry, Proxy\n"
+        "from rallypoint import SessionMessage, SessionType\n"
+        "registry, network = InMemoryRegistry(), InMemoryNetwork()\n"
+        "a = Proxy('g', 'master', name='a', registry=registry, driver=network.driver())\n"
+        "b = Proxy('g', 'worker', name='b', registry=registry, driver=network.driver(), expected_peers={'master': 1})\n"
+        "for kind in (SessionType.TASK, SessionType.NOTIFICATION):\n"
+        "    b.isend(SessionMessage(tag='t', source='b', destination='a', session_type=kind))\n"
+        "b.close(); a.close()\n"
+        "print('lark' in sys.modules)\n"
+        "rallypoint.parse_rule('a:t:1')\n"
+        "print('lark' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["False", "True"]
