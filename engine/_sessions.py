@@ -478,7 +478,12 @@ class SessionCatalog:
         self._builtins_loaded = True  # set first: add_spec() below comes back here
         try:
             for name in self._builtins:
-                self.add_spec(load_spec(name, register=False))
+                # From the package itself, never through load_spec(name): that looks in the working
+                # directory first, where a stray file called `task` must not replace the built-in type.
+                text = _read_builtin(name)
+                if text is None:
+                    raise ConfigError(f"the built-in spec {name!r} is missing from the installed package")
+                self.add_spec(load_spec(_parse_builtin(name, text), register=False))
         except BaseException:
             self._builtins_loaded = False
             raise

@@ -72,3 +72,16 @@ def test_a_saved_ast_from_another_grammar_is_ignored(monkeypatch) -> None:
     saved = _saved.save_spec_ast(text, "<builtin task>")
     monkeypatch.setattr(_saved, "_parser_digest", lambda: b"the grammar package after some edit")
     assert _saved.load_spec_ast(saved, text) is None
+
+
+def test_a_file_named_like_a_builtin_in_the_working_directory_does_not_replace_it(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "task").write_text("not a spec at all {\n")
+    (tmp_path / "notification").write_text("session notification { states a\n initial a\n final a }\n")
+    script = ("from rallypoint.engine import catalog; "
+              "print(catalog.require('task').initial, sorted(catalog.require('notification').states))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(maxsplit=1) == ["request", "['expired', 'failed', 'receive', 'request']\n"]
