@@ -127,22 +127,24 @@ class SessionMessage(Message):
     @property
     def session_type_name(self) -> str:
         st = self.session_type
-        return st.value if isinstance(st, SessionType) else str(st)
+        # `_value_` is a plain attribute; `.value` goes through Enum's descriptor (~10x slower, per message).
+        return st._value_ if isinstance(st, SessionType) else str(st)
 
     def reply_message(
         self, source: str, tag: Any = None, payload: Any = None, *, stage: str | None = None,
         event: str | None = None,
     ) -> SessionMessage:
         """A new message in this session, addressed back to this message's source."""
-        return SessionMessage(
-            tag=self.tag if tag is None else tag,
-            source=source,
-            destination=self.source,
-            payload=payload,
-            session_type=self.session_type,
-            session_stage=stage if stage is not None else self.session_stage,
-            session_id=self.session_id,
-            event=event,
+        return SessionMessage(  # positional: keyword calls cost more, and replies are on every round trip
+            self.tag if tag is None else tag,
+            source,
+            self.source,
+            payload,
+            self.session_type,
+            stage if stage is not None else self.session_stage,
+            self.session_id,
+            None,
+            event,
         )
 
     def __repr__(self) -> str:

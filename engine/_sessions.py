@@ -490,8 +490,11 @@ class SessionCatalog:
 
     def get(self, name: str | SessionType) -> CompiledSessionType | None:
         """The session type `name` (a `SessionType` or a user-defined name), or None."""
-        self._ensure_builtins()
-        return self._types.get(name.value if isinstance(name, SessionType) else name)
+        if not self._builtins_loaded:
+            self._ensure_builtins()
+        if type(name) is not str:  # a SessionType: its `_value_` (a plain attribute; `.value` is a descriptor)
+            name = name._value_ if isinstance(name, SessionType) else name
+        return self._types.get(name)
 
     def require(self, name: str | SessionType) -> CompiledSessionType:
         """The session type `name`; raises UnknownSessionType listing the known names."""

@@ -555,11 +555,10 @@ class Proxy:
     def _start_session(self, message: Message) -> bool:
         """Track a message we originate; returns whether a reply is expected."""
         if isinstance(message, SessionMessage):
-            compiled = catalog.require(message.session_type_name)
+            compiled = catalog.get(message.session_type) or catalog.require(message.session_type)
             if message.session_stage is None:
                 message.session_stage = compiled.initial
-            self._tracker.start(message.session_id, compiled, peer=message.destination,
-                                stage=message.session_stage)
+            self._tracker.start(message.session_id, compiled, message.destination, message.session_stage)
             return _type_expects_reply(compiled)
         return True
 
@@ -912,19 +911,19 @@ class Proxy:
         self._awaiting.pop(message.session_id, None)
         if not isinstance(message, SessionMessage):
             return
-        session = self._tracker.find(message.session_id)
+        tracker = self._tracker
+        session = tracker.find(message.session_id)
         if session is None:
-            compiled = catalog.get(message.session_type_name)
+            compiled = catalog.get(message.session_type)
             if compiled is None:
                 logger.warning("%s: message %s of unknown session type %r; delivered untracked", self.name,
                                message.message_id, message.session_type_name)
                 return
-            session = self._tracker.start(message.session_id, compiled, peer=message.source,
-                                          stage=compiled.initial)
+            session = tracker.start(message.session_id, compiled, message.source, compiled.initial)
             event = message.event or "received"
         else:
             event = message.event or "completed"
-        if not self._tracker.try_fire(session.id, event):
+        if not tracker.try_fire(session.id, event):
             logger.debug("%s: session %s in %r ignores %r", self.name, session.id, session.state, event)
 
     def _take(self) -> Message | None:

@@ -587,11 +587,9 @@ class WireCodec:
         try:
             if header.flags & FLAG_SESSION:
                 st = header.session_type
-                return SessionMessage(
-                    header.tag, header.source, header.destination, payload,
-                    session_type=_BUILTIN_TYPES.get(st) or str(st),
-                    session_stage=header.session_stage,
-                    session_id=header.session_id, message_id=header.message_id, event=header.event,
+                return SessionMessage(  # positional: cheaper than keywords, on every message
+                    header.tag, header.source, header.destination, payload, _BUILTIN_TYPES.get(st) or str(st),
+                    header.session_stage, header.session_id, header.message_id, header.event,
                 )
             return Message(
                 header.tag, header.source, header.destination, payload, header.session_id, header.message_id
