@@ -282,6 +282,8 @@ class Proxy:
         self._stop_requested = threading.Event()
         self._close_lock = threading.Lock()
         self._membership: _Membership | None = None
+        # (source, incarnation) pairs not in the registry, by when we last looked them up: see _check_sender
+        self._unlisted_lookups: OrderedDict[tuple[str, str], float] = OrderedDict()
         try:
             self._join(host, port, codec, max_message_bytes)
         except BaseException:
@@ -899,13 +901,36 @@ class Proxy:
                                 f"{self.name!r} (incarnation {header.to_incarnation[:8]})")
         record = self._members.get(header.source)
         if record is None or record.incarnation != header.incarnation:
-            self._refresh_members_now()  # a peer that joined since our last look; rare, so a round trip is fine
-            record = self._members.get(header.source)
+            if self._worth_looking_up(header.source, header.incarnation):
+                self._refresh_members_now()  # a peer that joined since our last look: one round trip
+                record = self._members.get(header.source)
             if record is None or record.incarnation != header.incarnation:
                 raise ForgedFrame(
                     f"frame from {header.source!r} with incarnation {header.incarnation[:8]} "
                     "that the registry does not list"
                 )
+
+    def _worth_looking_up(self, source: str, incarnation: str) -> bool:
+        """Whether a frame from a (source, incarnation) the member list lacks is worth a registry read now.
+
+        Not while the membership thread finds the registry down, and once a second per pair: otherwise a
+        stream of such frames (a peer the registry lost, or a frozen Redis) would stall the receive loop for
+        up to `timeouts.registry` per frame. A peer that just joined is listed by the time its first frame
+        arrives (it registers before it can look us up), so the first read finds it.
+        """
+        membership = self._membership
+        if membership is not None and membership.registry_down:
+            return False
+        now = time.monotonic()
+        key = (source, incarnation)
+        last = self._unlisted_lookups.get(key)
+        if last is not None and now - last < 1.0:
+            return False
+        self._unlisted_lookups[key] = now
+        self._unlisted_lookups.move_to_end(key)
+        while len(self._unlisted_lookups) > 256:
+            self._unlisted_lookups.popitem(last=False)
+        return True
 
     def _track_incoming(self, message: Message) -> None:
         self._awaiting.pop(message.session_id, None)

@@ -99,6 +99,31 @@ def test_replayed_and_misdirected_frames_are_dropped(pair, registry_url):
     _pump_until_dropped(worker, 3)
 
 
+def test_frames_from_an_unlisted_sender_cost_one_registry_read_not_one_each(pair, registry_url, monkeypatch):
+    master, worker, group = pair
+    codec = WireCodec(RedisRegistry(registry_url).group_key(group))
+    reads: list[str] = []
+    real_members = worker._registry.members
+    monkeypatch.setattr(worker._registry, "members", lambda g: reads.append(g) or real_members(g))
+    ghosts = [_frames(codec, Message(tag="x", source="ghost", destination="worker_001"), "e" * 32, seq)
+              for seq in range(1, 21)]
+    _inject(worker._record.address, ghosts)
+    _pump_until_dropped(worker, 20)
+    # The first frame looks the sender up; the rest are dropped without a read (2 allows for a stall of over
+    # a second between frames on a slow machine; one read per frame would be 20).
+    assert 1 <= len(reads) <= 2
+    # While the registry is known to be down, no read is tried at all: the frame is dropped at once.
+    monkeypatch.setattr(worker._membership, "_registry_down", True)
+    _inject(worker._record.address, [_frames(codec, Message(tag="x", source="ghost2", destination="worker_001"),
+                                             "d" * 32, 1)])
+    reads_before = len(reads)
+    _pump_until_dropped(worker, 21)
+    assert len(reads) == reads_before
+    # A frame from a listed member still gets through.
+    master.isend(Message(tag="ok", source="master", destination="worker_001", payload=2))
+    assert worker.receive_once(timeout=5).payload == 2
+
+
 def test_unsigned_frames_are_dropped(pair):
     master, worker, _ = pair
     unsigned = _frames(WireCodec(None), Message(tag="x", source="master", destination="worker_001"),
