@@ -99,6 +99,8 @@ class HoldPolicy:
     older than `max_age` seconds is dropped, logged and counted, and whoever waits for its reply gets
     `DeliveryRefused` (checked while a caller waits in `receive_by_id`, on the next send to that peer,
     and when it comes back). `max_messages=0` turns holding off: sends to a gone peer fail at once.
+    A peer that left the registry more than `max_age` seconds ago, with nothing held for it, is
+    forgotten: sending to it then raises `PeerUnreachable`, as for any name the registry does not list.
 
     Each message is delivered at most once per receiving process: a receiver drops a message whose id
     it has seen among the last `dedup_window` it took (0 turns that check off).

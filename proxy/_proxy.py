@@ -269,6 +269,7 @@ class Proxy:
         self._refused: OrderedDict[str, str] = OrderedDict()
         self._members: dict[str, PeerRecord] = {}
         self._gone: set[str] = set()
+        self._gone_since: dict[str, float] = {}  # when each peer in _gone went (see _forget_long_gone)
         self._connected: set[str] = set()
         # Peers whose channel we saw come up and not go down since: a send that finds one of them not up
         # knows the channel broke (its "down" is still queued in the driver) rather than never opened.
@@ -498,6 +499,22 @@ class Proxy:
                 self._up_seen.discard(peer)
                 self._driver.disconnect(peer)
                 self._connected.discard(peer)
+        self._forget_long_gone()
+
+    def _forget_long_gone(self) -> None:
+        """Forget peers that left more than `HoldPolicy.max_age` ago, are not listed and have nothing held.
+
+        Nothing would be held for them any more (it would expire at once), and keeping every name that ever
+        left would grow without bound in a job whose workers come and go under new names. Sending to one
+        of them afterwards fails at once with PeerUnreachable, as for any name the registry does not list.
+        """
+        if not self._gone_since:
+            return
+        cutoff = time.monotonic() - self.hold_policy.max_age
+        for peer in [p for p, since in self._gone_since.items()
+                     if since < cutoff and p not in self._members and p not in self._held]:
+            self._gone.discard(peer)
+            del self._gone_since[peer]
 
     def _connect(self, peer: str) -> None:
         record = self._members.get(peer)
@@ -517,6 +534,7 @@ class Proxy:
         if peer in self._gone:
             return
         self._gone.add(peer)
+        self._gone_since[peer] = time.monotonic()
         self.stats.peers_lost += 1
         # Messages still held for it never reached the dead process: they stay pending, for its successor.
         held = {m.session_id for _, _, m in self._held.get(peer, ())}
@@ -544,6 +562,7 @@ class Proxy:
         self._up_seen.add(peer)
         if peer in self._gone:
             self._gone.discard(peer)
+            self._gone_since.pop(peer, None)
             logger.info("%s: peer %r is back", self.name, peer)
         if peer in self._held:
             self._flush_held(peer)

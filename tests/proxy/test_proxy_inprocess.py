@@ -213,6 +213,25 @@ def test_closing_unregisters_so_peers_drop_it(registry_url):
         assert master.peers == {}
 
 
+def test_a_peer_gone_longer_than_the_hold_age_is_forgotten(registry_url):
+    from rallypoint.proxy import HoldPolicy
+
+    group = new_group()
+    with make_proxy(registry_url, group, "master", "master", hold=HoldPolicy(max_age=0.3)) as master:
+        worker = make_proxy(registry_url, group, "worker", "worker_x", expected_peers={"master": 1})
+        master._refresh_members_now()
+        worker.close()
+        master._refresh_members_now()
+        assert "worker_x" in master._gone  # just left: a send now would be held for it
+        time.sleep(0.4)
+        late = make_proxy(registry_url, group, "worker", "worker_y", expected_peers={"master": 1})
+        master._refresh_members_now()  # a membership change: names gone for longer than max_age go
+        assert "worker_x" not in master._gone and master.peers == {"worker": ["worker_y"]}
+        with pytest.raises(PeerUnreachable):
+            master.isend(Message(tag="t", source="master", destination="worker_x"))
+        late.close()
+
+
 def test_bad_arguments_are_config_errors(registry_url):
     with pytest.raises(ConfigError):
         Proxy(group_name="g", component_type="has space", registry=registry_url)
