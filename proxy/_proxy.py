@@ -268,8 +268,7 @@ class Proxy:
         # Sessions whose held message expired before its peer came back: session id -> peer (bounded).
         self._refused: OrderedDict[str, str] = OrderedDict()
         self._members: dict[str, PeerRecord] = {}
-        self._gone: set[str] = set()
-        self._gone_since: dict[str, float] = {}  # when each peer in _gone went (see _forget_long_gone)
+        self._gone: dict[str, float] = {}  # peers declared gone, by when (monotonic; see _forget_long_gone)
         self._connected: set[str] = set()
         # Peers whose channel we saw come up and not go down since: a send that finds one of them not up
         # knows the channel broke (its "down" is still queued in the driver) rather than never opened.
@@ -508,13 +507,12 @@ class Proxy:
         left would grow without bound in a job whose workers come and go under new names. Sending to one
         of them afterwards fails at once with PeerUnreachable, as for any name the registry does not list.
         """
-        if not self._gone_since:
+        if not self._gone:
             return
         cutoff = time.monotonic() - self.hold_policy.max_age
-        for peer in [p for p, since in self._gone_since.items()
+        for peer in [p for p, since in self._gone.items()
                      if since < cutoff and p not in self._members and p not in self._held]:
-            self._gone.discard(peer)
-            del self._gone_since[peer]
+            del self._gone[peer]
 
     def _connect(self, peer: str) -> None:
         record = self._members.get(peer)
@@ -533,8 +531,7 @@ class Proxy:
         """Fail every session pending with `peer`; messages to it are held from now until it is back."""
         if peer in self._gone:
             return
-        self._gone.add(peer)
-        self._gone_since[peer] = time.monotonic()
+        self._gone[peer] = time.monotonic()
         self.stats.peers_lost += 1
         # Messages still held for it never reached the dead process: they stay pending, for its successor.
         held = {m.session_id for _, _, m in self._held.get(peer, ())}
@@ -561,8 +558,7 @@ class Proxy:
             return
         self._up_seen.add(peer)
         if peer in self._gone:
-            self._gone.discard(peer)
-            self._gone_since.pop(peer, None)
+            del self._gone[peer]
             logger.info("%s: peer %r is back", self.name, peer)
         if peer in self._held:
             self._flush_held(peer)
