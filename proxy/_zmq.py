@@ -566,11 +566,12 @@ class ZmqDriver:
             # followed by at least one part the peer sent.
             for _ in range(_RECV_BATCH):
                 recv(sock, _NOBLOCK)
-                part = recv(sock, _NOBLOCK, False)
-                frames = [part.bytes if len(part) < threshold else part.buffer]
-                while part.more:
+                frames = []
+                more = True
+                while more:
                     part = recv(sock, _NOBLOCK, False)
                     frames.append(part.bytes if len(part) < threshold else part.buffer)
+                    more = part.more
                 events.append(DriverEvent("frames", None, frames))
         except zmq.Again:
             return
