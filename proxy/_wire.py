@@ -416,8 +416,8 @@ class WireCodec:
             flags |= FLAG_SESSION
             st = message.session_type
             # Identity first: an Enum's `.value` is a descriptor call, costly on every message.
-            session_type: str | None = "task" if st is _TASK else "notification" if st is _NOTIFICATION else (
-                st.value if isinstance(st, SessionType) else str(st))
+            session_type: str | None = ("task" if st is _TASK else "notification" if st is _NOTIFICATION
+                                        else message.session_type_name)
             stage = message.session_stage
             event = message.event
         else:
@@ -437,9 +437,11 @@ class WireCodec:
             header_length = len(header)
             payload_length = _nbytes(payload)
             if payload_length < self._zc:  # the common small message: one compact frame
-                if header_length + payload_length + _MAC_BYTES > self._max:
-                    raise ConfigError(f"message {message.message_id} is {header_length + payload_length} bytes, "
-                                      f"over max_message_bytes={self._max}")
+                total = header_length + payload_length + (_MAC_BYTES if self._mac is not None else 0)
+                if total > self._max:  # the same bound, and words, as for a message in several frames
+                    raise ConfigError(
+                        f"message {message.message_id} is {total} bytes, over max_message_bytes={self._max}"
+                    )
                 mac = (self._mac.compute_pair(header, payload, header_length, payload_length)
                        if self._mac is not None else b"")
                 return [b"".join((_COMPACT_PREFIX.pack(_COMPACT_MARK, header_length), header, payload, mac))]
