@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import deque
 
 import numpy as np
 import zmq
@@ -147,6 +148,47 @@ def rp_throughput(url: str, n: int) -> float:
     return (n - 1) / elapsed
 
 
+def _lean_sink(port: int, key: bytes, n: int, out) -> None:
+    from _lean import LeanEnd
+
+    end, inbox = LeanEnd("worker_001", key), deque()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    s.bind(f"tcp://127.0.0.1:{port}")
+    out.put("ready")
+    inbox.append(end.receive(*s.recv_multipart()))
+    inbox.popleft()
+    t = time.perf_counter()
+    for _ in range(n - 1):
+        inbox.append(end.receive(*s.recv_multipart()))
+        inbox.popleft()
+    out.put(time.perf_counter() - t)
+    s.close(0)
+    ctx.term()
+
+
+def lean_throughput(n: int) -> float:
+    """The lean floor (benchmarks/_lean.py) for scenario 1: rallypoint's per-message work, nothing more."""
+    from _lean import LeanEnd
+
+    key, port, out = os.urandom(32), free_port(), CTX.Queue()
+    p = CTX.Process(target=_lean_sink, args=(port, key, n, out))
+    p.start()
+    out.get()
+    end = LeanEnd("master", key)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.sndhwm = 0
+    s.connect(f"tcp://127.0.0.1:{port}")
+    for i in range(n):
+        end.send(s, [], "update", "worker_001", {**SMALL, "step": i})
+    elapsed = out.get()
+    p.join()
+    s.close(0)
+    ctx.term()
+    return (n - 1) / elapsed
+
+
 # ---------------------------------------------------------------- 2. round trip
 
 def _raw_echo(port: int, n: int, out) -> None:
@@ -175,6 +217,48 @@ def raw_round_trip(n: int) -> float:
     for _ in range(n - 1):
         s.send(pickle.dumps(SMALL, protocol=5))
         pickle.loads(s.recv())
+    elapsed = time.perf_counter() - t
+    p.join()
+    s.close(0)
+    ctx.term()
+    return elapsed / (n - 1)
+
+
+def _lean_echo(port: int, key: bytes, n: int, out) -> None:
+    from _lean import LeanEnd
+
+    end = LeanEnd("worker_001", key)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(f"tcp://127.0.0.1:{port}")
+    out.put("ready")
+    for _ in range(n):
+        ident, *frames = s.recv_multipart()
+        message = end.receive(*frames)
+        end.send(s, [ident], "q", message.source, message.payload, message.session_id, "complete")
+    s.close(0)
+    ctx.term()
+
+
+def lean_round_trip(n: int) -> float:
+    """The lean floor (benchmarks/_lean.py) for scenario 2."""
+    from _lean import LeanEnd
+
+    key, port, out = os.urandom(32), free_port(), CTX.Queue()
+    p = CTX.Process(target=_lean_echo, args=(port, key, n, out))
+    p.start()
+    out.get()
+    end = LeanEnd("master", key)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    end.send(s, [], "q", "worker_001", SMALL)
+    end.receive(*s.recv_multipart())
+    t = time.perf_counter()
+    for _ in range(n - 1):
+        sid = end.send(s, [], "q", "worker_001", SMALL)
+        reply = end.receive(*s.recv_multipart())
+        end.sessions[sid] = "complete" if reply is not None and reply.session_id == sid else "failed"
     elapsed = time.perf_counter() - t
     p.join()
     s.close(0)
@@ -294,7 +378,14 @@ def rp_broadcast(url: str, n: int, workers: int = 4) -> float:
 
 # ---------------------------------------------------------------- 4. 64 MB array
 
-def _raw_big_sink(port: int, ack_port: int, rounds: int, zero_copy: bool, out) -> None:
+def _poly1305_tag(buffer) -> bytes:
+    """The fastest MAC this machine has for big buffers (the one WireCodec uses for them), one-time key."""
+    from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+    return Poly1305.generate_tag(os.urandom(32), memoryview(buffer).cast("B"))
+
+
+def _raw_big_sink(port: int, ack_port: int, rounds: int, zero_copy: bool, out, mac: bool = False) -> None:
     ctx = zmq.Context()
     s = ctx.socket(zmq.PULL)
     s.bind(f"tcp://127.0.0.1:{port}")
@@ -304,6 +395,9 @@ def _raw_big_sink(port: int, ack_port: int, rounds: int, zero_copy: bool, out) -
     for _ in range(rounds):
         if zero_copy:
             frame = s.recv(copy=False)
+            if mac:
+                _poly1305_tag(frame.buffer)
+                s.recv()  # the tag frame
             array = np.frombuffer(frame.buffer, dtype=np.float64)
         else:
             array = pickle.loads(s.recv())
@@ -313,12 +407,14 @@ def _raw_big_sink(port: int, ack_port: int, rounds: int, zero_copy: bool, out) -
     ctx.term()
 
 
-def raw_big(array: np.ndarray, rounds: int, zero_copy: bool) -> float:
+def raw_big(array: np.ndarray, rounds: int, zero_copy: bool, mac: bool = False) -> float:
+    """MB/s of raw PUSH/PULL with an ack; `mac`: plus a Poly1305 tag made before sending and checked after
+    receiving, the floor under any per-message signature of a big buffer on this machine."""
     port, ack_port, out = free_port(), free_port(), CTX.Queue()
     ctx = zmq.Context()
     ack = ctx.socket(zmq.PULL)
     ack.bind(f"tcp://127.0.0.1:{ack_port}")
-    p = CTX.Process(target=_raw_big_sink, args=(port, ack_port, rounds, zero_copy, out))
+    p = CTX.Process(target=_raw_big_sink, args=(port, ack_port, rounds, zero_copy, out, mac))
     p.start()
     out.get()
     s = ctx.socket(zmq.PUSH)
@@ -326,7 +422,9 @@ def raw_big(array: np.ndarray, rounds: int, zero_copy: bool) -> float:
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
-        if zero_copy:
+        if zero_copy and mac:
+            s.send_multipart([array, _poly1305_tag(array)], copy=False)
+        elif zero_copy:
             s.send(array, copy=False)
         else:
             s.send(pickle.dumps(array, protocol=4))
@@ -394,6 +492,30 @@ def compile_bytecode() -> None:
     for package in ("rallypoint", "rallypoint.grammar", "rallypoint.engine", "rallypoint.proxy", "rallypoint.specs"):
         for directory in importlib.import_module(package).__path__:
             compileall.compile_dir(directory, maxlevels=0, quiet=1)
+
+
+FLOOR_JOINER = """
+import sys, time
+t0 = time.time()
+import redis, zmq
+redis.Redis.from_url(sys.argv[1]).ping()
+zmq.Context().socket(zmq.ROUTER).bind("tcp://127.0.0.1:*")
+print(f"{t0} {time.time()}", flush=True)
+sys.stdin.read()
+"""
+
+
+def join_floor(url: str, processes: int = 5) -> float:
+    """Seconds from the last start until every one of `processes` interpreters has imported redis-py and
+    pyzmq, pinged Redis and bound a socket: the floor under any join on this machine (no rallypoint)."""
+    procs = [subprocess.Popen([sys.executable, "-c", FLOOR_JOINER, url], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    last_start = time.time()
+    readies = [float(p.stdout.readline().split()[1]) for p in procs]
+    for p in procs:
+        p.stdin.close()
+        p.wait(30)
+    return max(readies) - last_start
 
 
 def join_time(url: str, workers: int = 4) -> tuple[float, float]:
@@ -473,15 +595,19 @@ def signing_end_to_end(key: bytes | None, n: int, payload, big: bool) -> float:
     return (n - 1) / sink_elapsed
 
 
-def signing_cost(array: np.ndarray, n_small: int, big_rounds: int) -> tuple[float, float, float, float]:
+def signing_cost(array: np.ndarray, n_small: int, big_rounds: int
+                 ) -> tuple[float, float, float, float, float]:
     key = os.urandom(32)
     # Five pairs, not three: the MAC is ~10% of a small message's cost, about the size of this VM's noise.
     small = [(signing_end_to_end(key, n_small, SMALL, False), signing_end_to_end(None, n_small, SMALL, False))
              for _ in range(5)]
     big = [(signing_end_to_end(key, big_rounds, array, True), signing_end_to_end(None, big_rounds, array, True))
            for _ in range(3)]
+    # The floor: raw pyzmq, only adding the MAC's hashing on each side (no header, no pickle, no codec).
+    floor = [(raw_big(array, big_rounds, True, mac=True), raw_big(array, big_rounds, True)) for _ in range(3)]
     return (statistics.median(a for a, _ in small), statistics.median(b for _, b in small),
-            statistics.median(a for a, _ in big), statistics.median(b for _, b in big))
+            statistics.median(a for a, _ in big), statistics.median(b for _, b in big),
+            statistics.median(a / b for a, b in floor))
 
 
 # ---------------------------------------------------------------- report
@@ -489,6 +615,13 @@ def signing_cost(array: np.ndarray, n_small: int, big_rounds: int) -> tuple[floa
 def row(name: str, raw: float, ours: float, unit: str, ratio: float, target: str, ok: bool) -> None:
     print(f"{name:<44} raw {raw:>12,.1f} {unit:<6} rallypoint {ours:>12,.1f} {unit:<6} "
           f"ratio {ratio:5.2f}x  target {target:<8} {'PASS' if ok else 'MISS'}")
+
+
+def floor_note(name: str, pairs: list[tuple[float, float]], unit: str, scale: float) -> None:
+    """A floor row: the median of the floor's own figures and of its per-round ratios to raw."""
+    figure = statistics.median(b for _, b in pairs) * scale
+    ratio = statistics.median(b / a for a, b in pairs)
+    print(f"{'   ' + name:<44} {'':<17} floor {figure:>12,.1f} {unit:<6}      ratio {ratio:5.2f}x")
 
 
 def main() -> int:
@@ -504,25 +637,34 @@ def main() -> int:
 
     registry = Registry()
     try:
-        pairs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("tp", "rt", "bc", "big", "pickled")}
+        pairs: dict[str, list[tuple[float, float]]] = {
+            k: [] for k in ("tp", "rt", "bc", "big", "pickled", "lean_tp", "lean_rt")}
         for r in range(args.rounds):
-            pairs["tp"].append((raw_throughput(n_tp), rp_throughput(registry.url, n_tp)))
-            pairs["rt"].append((raw_round_trip(n_rt), rp_round_trip(registry.url, n_rt)))
+            raw_tp, raw_rt = raw_throughput(n_tp), raw_round_trip(n_rt)
+            pairs["tp"].append((raw_tp, rp_throughput(registry.url, n_tp)))
+            pairs["lean_tp"].append((raw_tp, lean_throughput(n_tp)))
+            pairs["rt"].append((raw_rt, rp_round_trip(registry.url, n_rt)))
+            pairs["lean_rt"].append((raw_rt, lean_round_trip(n_rt)))
             pairs["bc"].append((raw_broadcast(n_bc), rp_broadcast(registry.url, n_bc)))
             pairs["big"].append((raw_big(array, big_rounds, True), rp_big(registry.url, array, big_rounds)))
             pairs["pickled"].append((raw_big(array, big_rounds, False), 0.0))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         med = {k: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v)) for k, v in pairs.items()}
         compile_bytecode()
-        joins = [join_time(registry.url) for _ in range(3 if args.quick else 5)]
+        joins, floors = [], []
+        for _ in range(3 if args.quick else 5):  # interleaved, so both see the same VM weather
+            joins.append(join_time(registry.url))
+            floors.append(join_floor(registry.url))
     finally:
         registry.close()
 
     print(f"\nproxy benchmarks, medians of {args.rounds} paired rounds (loopback, 2 processes unless noted)")
     raw, ours = med["tp"]
     row("1. one-way msgs/s (isend new SessionMessage)", raw, ours, "msg/s", ours / raw, ">= 0.5x", ours / raw >= 0.5)
+    floor_note("lean Python floor (benchmarks/_lean.py)", pairs["lean_tp"], "msg/s", 1)
     raw, ours = med["rt"]
     row("2. send()+reply round trip", raw * 1e6, ours * 1e6, "us", ours / raw, "<= 1.15x", ours / raw <= 1.15)
+    floor_note("lean Python floor (benchmarks/_lean.py)", pairs["lean_rt"], "us", 1e6)
     raw, ours = med["bc"]
     row("3. broadcast to 4 + gather 4 replies", raw * 1e6, ours * 1e6, "us", ours / raw, "<= 1.5x",
         ours / raw <= 1.5)
@@ -537,13 +679,17 @@ def main() -> int:
           f"max {max(a for a, _ in joins):.3f})  target <= 0.5 s {'PASS' if after_last <= 0.5 else 'MISS'}")
     print(f"{'   slowest process, script start to ready':<44} {in_ctor:.3f} s  (interpreter start + imports + join; "
           "bytecode compiled beforehand, as an installed package has it)")
-    s_small, p_small, s_big, p_big = signing_cost(array, n_tp // 2, big_rounds)
+    print(f"{'   floor: 5 bare interpreters, same start':<44} {statistics.median(floors):.3f} s  (import redis-py "
+          "and pyzmq, ping Redis, bind a socket; no rallypoint, no peers to wait for)")
+    s_small, p_small, s_big, p_big, floor_big = signing_cost(array, n_tp // 2, big_rounds)
     print(f"{'6. signing, small messages (driver+codec)':<44} signed {s_small:>10,.0f} msg/s  unsigned "
           f"{p_small:>10,.0f} msg/s  cost {1 - s_small / p_small:+.0%}  target <= 10% "
           f"{'PASS' if 1 - s_small / p_small <= 0.10 else 'MISS'}")
     print(f"{'   signing, 64 MB array (driver+codec)':<44} signed {s_big:>10,.0f} MB/s   unsigned "
           f"{p_big:>10,.0f} MB/s   cost {1 - s_big / p_big:+.0%}  target <= 10% "
           f"{'PASS' if 1 - s_big / p_big <= 0.10 else 'MISS'}")
+    print(f"{'   floor: raw pyzmq + Poly1305 on each side':<44} cost {1 - floor_big:+.0%} against raw zero-copy "
+          "(hashing 64 MB is memory-bound; the transfer already keeps both cores busy, so it does not overlap)")
     return 0
 
 
