@@ -45,6 +45,11 @@ from ._wire import Header, ReplayGuard, WireCodec
 
 logger = logging.getLogger(__name__)
 
+# After adopting a new group key, how long frames signed with the old one stay accepted: long enough for
+# every member to re-register and switch (one Liveness.refresh once the registry is back), while a member
+# cut off from the registry for longer is refused until it can read the new key.
+KEY_GRACE = 60.0
+
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./")
 
 
@@ -57,7 +62,7 @@ class ProxyStats:
     """Counters a user (or a test) can read: what was sent, received, dropped, held."""
 
     __slots__ = ("sent", "received", "dropped_frames", "dropped_unclaimed", "dropped_late", "duplicates", "held",
-                 "held_expired", "refused", "peers_lost")
+                 "held_expired", "refused", "peers_lost", "rekeyed")
 
     def __init__(self) -> None:
         self.sent = 0
@@ -70,6 +75,7 @@ class ProxyStats:
         self.held_expired = 0
         self.refused = 0
         self.peers_lost = 0
+        self.rekeyed = 0  # times this proxy adopted a group key the registry held instead of its own
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -161,9 +167,12 @@ class _Membership(threading.Thread):
                     held = proxy._registry.ensure_group_key(proxy.group_name, proxy._key)
                     logger.warning("%s: re-registered in group %r", proxy.name, proxy.group_name)
                     if held != proxy._key:
-                        logger.error("%s: the registry holds another key for group %r (a member joined while "
-                                     "it was empty); frames signed with either key are dropped by the other side",
-                                     proxy.name, proxy.group_name)
+                        # A member joined while the registry was empty and created a new key: everyone moves
+                        # to the one the registry holds (the owner thread switches; see Proxy._adopt_key).
+                        logger.warning("%s: the registry holds a new key for group %r (a member joined while "
+                                       "it was empty); switching to it", proxy.name, proxy.group_name)
+                        proxy._pending_key = held
+                        proxy._driver.wakeup()
                 members = proxy._registry.members(proxy.group_name)
             except RegistryError as exc:
                 if not self._registry_down:
@@ -284,6 +293,8 @@ class Proxy:
         self._membership: _Membership | None = None
         # (source, incarnation) pairs not in the registry, by when we last looked them up: see _check_sender
         self._unlisted_lookups: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._pending_key: bytes | None = None  # a new group key the membership thread found, to adopt
+        self._key_checked_at = -1.0  # when a frame failing its MAC last made us re-read the group key
         try:
             self._join(host, port, codec, max_message_bytes)
         except BaseException:
@@ -523,9 +534,54 @@ class Proxy:
 
     def _refresh_members_now(self) -> None:
         try:
-            self._apply_members(self._registry.members(self.group_name))
+            members = self._registry.members(self.group_name)
         except RegistryError as exc:
             logger.warning("%s: registry unreachable while looking up a peer: %s", self.name, exc)
+            return
+        try:
+            # A member we learn of here may hold a key created after the registry lost ours: switch
+            # first, so that what we send it is signed with the key it knows.
+            self._adopt_key(self._registry.group_key(self.group_name, create=False))
+        except RegistryError as exc:  # no key there (not restored yet) or unreachable: keep ours
+            logger.debug("%s: could not re-read the group key: %s", self.name, exc)
+        self._apply_members(members)
+
+    def _adopt_key(self, key: bytes) -> bool:
+        """Sign with `key`, the group key the registry holds, if it is not ours; say whether it was new.
+
+        The registry holds a key other than ours only after it lost its data (a restart without
+        persistence) and a member joined before we re-registered: that member created a fresh key and
+        knows no other. The registry is where members get the key from, so everyone moves to the one it
+        holds; frames signed with ours stay accepted for KEY_GRACE seconds, so none in flight are lost.
+        """
+        if key == self._key:
+            return False
+        self._codec.rekey(key, grace=KEY_GRACE)
+        self._key = key
+        self.stats.rekeyed += 1
+        logger.warning("%s: now signing with the group key the registry holds for %r (it had lost the one this "
+                       "proxy started with); frames signed with the old key are accepted for %.0fs more",
+                       self.name, self.group_name, KEY_GRACE)
+        return True
+
+    def _key_replaced(self) -> bool:
+        """After a frame failed its MAC: whether the registry now holds another group key (then adopted).
+
+        Looked up at most once a second, and not while the membership thread finds the registry down, so
+        a stream of forged frames cannot stall the receive loop on registry reads.
+        """
+        membership = self._membership
+        if membership is not None and membership.registry_down:
+            return False
+        now = time.monotonic()
+        if now - self._key_checked_at < 1.0:
+            return False
+        self._key_checked_at = now
+        try:
+            return self._adopt_key(self._registry.group_key(self.group_name, create=False))
+        except RegistryError as exc:
+            logger.debug("%s: could not re-read the group key: %s", self.name, exc)
+            return False
 
     def _declare_gone(self, peer: str, why: str) -> None:
         """Fail every session pending with `peer`; messages to it are held from now until it is back."""
@@ -836,6 +892,9 @@ class Proxy:
 
     def _absorb(self) -> None:
         """Apply what the membership thread noticed (cheap when nothing changed)."""
+        if self._pending_key is not None:  # before the members: a new one may only know the new key
+            key, self._pending_key = self._pending_key, None
+            self._adopt_key(key)
         updates = self._membership_updates
         if updates:
             latest = updates[-1]
@@ -864,7 +923,12 @@ class Proxy:
     def _on_frames(self, frames: Sequence[Any]) -> None:
         try:
             frames = self._codec.split(frames)  # once, for both decode calls below
-            header = self._codec.decode_header(frames)  # checks the MAC before anything is trusted
+            try:
+                header = self._codec.decode_header(frames)  # checks the MAC before anything is trusted
+            except ForgedFrame:
+                if not self._key_replaced():  # signed with a key the registry holds now, and we did not?
+                    raise
+                header = self._codec.decode_header(frames)
             self._check_sender(header)
             self._replay.check(header.source, header.incarnation, header.seq)
             message = self._codec.decode(frames, header)

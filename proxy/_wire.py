@@ -34,6 +34,7 @@ import hmac
 import io
 import pickle
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
@@ -348,7 +349,8 @@ class WireCodec:
     flight the receiver sees a MAC mismatch and drops the message (it never sees altered data).
     """
 
-    __slots__ = ("_mac", "_codec_id", "_max", "_zc", "_packer", "_payload_packer", "_safe_only", "_compact")
+    __slots__ = ("_mac", "_previous_mac", "_previous_until", "_codec_id", "_max", "_zc", "_packer",
+                 "_payload_packer", "_safe_only", "_compact")
 
     def __init__(
         self,
@@ -366,6 +368,8 @@ class WireCodec:
         if zero_copy_threshold < 1:
             raise ConfigError("zero_copy_threshold must be >= 1")
         self._mac = _MacScheme(key) if key is not None else None
+        self._previous_mac: _MacScheme | None = None  # the key before rekey(), accepted until _previous_until
+        self._previous_until = 0.0
         self._codec_id = CODECS[codec]
         self._safe_only = codec == "msgpack"
         self._max = max_message_bytes
@@ -381,6 +385,25 @@ class WireCodec:
         first so the work is not done twice. Raises MalformedFrame for a compact frame that lies.
         """
         return _expand(frames, self._mac is not None)
+
+    def rekey(self, key: bytes, *, grace: float) -> None:
+        """Sign with `key` from now on, and still accept frames signed with the current key for `grace`
+        seconds: those its peers sent before they switched too. Only for a signed codec."""
+        if self._mac is None:
+            raise ConfigError("an unsigned codec has no key to replace")
+        if grace < 0:
+            raise ConfigError(f"grace must be >= 0, not {grace}")
+        self._previous_mac, self._mac = self._mac, _MacScheme(key)
+        self._previous_until = time.monotonic() + grace
+
+    def _signed_with_previous(self, frames: Sequence[Any], lengths: Sequence[int]) -> bool:
+        previous = self._previous_mac
+        if previous is None:
+            return False
+        if time.monotonic() >= self._previous_until:
+            self._previous_mac = None  # its grace is over: forget the key
+            return False
+        return hmac.compare_digest(_expected_mac(previous, frames, lengths), frames[-1])
 
     @property
     def signed(self) -> bool:
@@ -541,11 +564,9 @@ class WireCodec:
                 if lengths[-1] != _MAC_BYTES:
                     raise ForgedFrame(f"mac frame of {lengths[-1]} bytes, expected {_MAC_BYTES}")
                 assert self._mac is not None
-                if n == 3:  # header, one payload frame, mac: the small-message case
-                    expected = self._mac.compute_pair(frames[0], frames[1], lengths[0], lengths[1])
-                else:
-                    expected = self._mac.compute(frames[:-1], lengths[:-1])
-                if not hmac.compare_digest(expected, frames[-1]):
+                if not hmac.compare_digest(_expected_mac(self._mac, frames, lengths), frames[-1]) and (
+                    not self._signed_with_previous(frames, lengths)
+                ):
                     raise ForgedFrame("MAC mismatch: not signed with the group key, or altered")
                 verified = True
             elif not signed:
@@ -620,6 +641,13 @@ class WireCodec:
             return pickle.loads(frames[1], buffers=frames[2:end])
         except Exception as exc:  # authenticated but undecodable here: a class this side can't import, ...
             raise MalformedFrame(f"pickle payload does not decode: {exc!r}") from exc
+
+
+def _expected_mac(scheme: _MacScheme, frames: Sequence[Any], lengths: Sequence[int]) -> bytes:
+    """The MAC `scheme` gives frames [header, *payload, mac] (the last is not covered)."""
+    if len(frames) == 3:  # header, one payload frame, mac: the small-message case
+        return scheme.compute_pair(frames[0], frames[1], lengths[0], lengths[1])
+    return scheme.compute(frames[:-1], lengths[:-1])
 
 
 def _header_types_ok(f: list[Any]) -> bool:

@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+import redis
 from fault_helpers import pump_until, report
 from proxy_helpers import make_proxy
 
@@ -84,6 +85,52 @@ def test_registry_restarts_and_flaps_during_a_run(redis_server, workers):
     assert len(taken) == len(set(taken))
     report(f"registry restart + 2 flaps: {len(sessions)} tasks, 0 lost, "
            f"{len(taken) - len(set(taken))} duplicated; peers re-registered, newcomer joined with the same key")
+
+
+def test_a_member_joining_an_emptied_registry_brings_a_key_everyone_adopts(redis_server, workers):
+    """Redis loses its data (a restart without persistence) and a member joins before any running one has
+    re-registered: it creates a new group key and knows no other. The running members switch to that key
+    when they re-register, accept frames still signed with the old one meanwhile, and nothing is lost."""
+    started = workers(2)
+    names = [w.name for w in started]
+    with make_proxy(redis_server.url, workers.group, "master", "master",
+                    expected_peers={"worker": 2}) as master:
+        for worker in started:
+            worker.wait_ready()
+        old_key = master._key
+        counter = [0]
+        sessions = _round(master, names, counter)
+
+        # Everything gone, and at once a new member's key in its place: one transaction, so that no running
+        # member's refresh can put the old key back in between (the race this test is about).
+        raw = redis.Redis.from_url(redis_server.url)
+        registry = RedisRegistry(redis_server.url)
+        try:
+            pipe = raw.pipeline(transaction=True)
+            pipe.flushall()
+            pipe.set(registry._group_key_key(workers.group), os.urandom(32))
+            pipe.execute()
+            new_key = registry.group_key(workers.group, create=False)
+            [newcomer] = workers(1)  # takes the new key: it is the only one the registry has
+            newcomer.wait_ready()
+            # Traffic on, while the running members re-register and switch one after the other.
+            until = time.monotonic() + 2.0
+            while time.monotonic() < until:
+                sessions += _round(master, names, counter)
+            pump_until(master, lambda: newcomer.name in master.peers.get("worker", []), 10, "the newcomer listed")
+            assert registry.group_key(workers.group, create=False) == new_key  # nobody put the old one back
+        finally:
+            registry.close()
+            raw.close()
+        assert master._key == new_key != old_key and master.stats.rekeyed == 1
+        sessions += _round(master, names + [newcomer.name], counter)
+        assert all(master.session_stage(s) == "complete" for s in sessions)
+        assert master.stats.dropped_frames == 0
+
+    taken = [mid for w in started for mid in w.log_ids()]
+    assert len(taken) == len(set(taken))
+    report(f"registry emptied, newcomer with a new key: {len(sessions)} tasks, 0 lost, "
+           f"{len(taken) - len(set(taken))} duplicated; the running members switched to the new key")
 
 
 def test_close_does_not_wait_on_a_hanging_registry(redis_server):

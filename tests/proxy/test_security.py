@@ -124,6 +124,41 @@ def test_frames_from_an_unlisted_sender_cost_one_registry_read_not_one_each(pair
     assert worker.receive_once(timeout=5).payload == 2
 
 
+def test_a_new_group_key_in_the_registry_is_adopted_on_the_first_frame_signed_with_it(pair, registry_url,
+                                                                                        monkeypatch):
+    """A frame failing its MAC makes the proxy re-read the group key (at most once a second): a key the
+    registry holds now (it lost the old one and a new member created this) is adopted and the frame taken;
+    forgeries cost one read a second, not one each."""
+    master, worker, group = pair
+    reads: list[str] = []
+    real_group_key = worker._registry.group_key
+    monkeypatch.setattr(worker._registry, "group_key",
+                        lambda g, create=True: reads.append(g) or real_group_key(g, create=create))
+    forger = WireCodec(os.urandom(32))
+    forged = [_frames(forger, Message(tag="x", source="master", destination="worker_001"), master.incarnation,
+                      10**6 + seq) for seq in range(20)]
+    _inject(worker._record.address, forged)
+    _pump_until_dropped(worker, 20)
+    assert 1 <= len(reads) <= 2 and worker.stats.rekeyed == 0  # 2: a stall of over a second between frames
+
+    new_key = os.urandom(32)
+    registry = RedisRegistry(registry_url)
+    raw = redis.Redis.from_url(registry_url)
+    try:
+        raw.set(registry._group_key_key(group), new_key)
+    finally:
+        raw.close()
+        registry.close()
+    master._adopt_key(new_key)  # as a member that re-registered (or joined) after the registry lost the key
+    time.sleep(1.1)  # past the once-a-second bound the forgeries used up
+    master.isend(Message(tag="ok", source="master", destination="worker_001", payload=3))
+    assert worker.receive_once(timeout=5).payload == 3
+    assert worker._key == new_key and worker.stats.rekeyed == 1 and worker.stats.dropped_frames == 20
+    # And the other way: the worker signs with the new key now, which the master holds.
+    worker.isend(Message(tag="back", source="worker_001", destination="master", payload=4))
+    assert master.receive_once(timeout=5).payload == 4
+
+
 def test_unsigned_frames_are_dropped(pair):
     master, worker, _ = pair
     unsigned = _frames(WireCodec(None), Message(tag="x", source="master", destination="worker_001"),

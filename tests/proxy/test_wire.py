@@ -543,3 +543,38 @@ def test_compact_and_split_frames_carry_the_same_mac():
     header, payload, mac = split.encode(message, incarnation="i", seq=1)
     assert frame[-32:] == mac and split.decode([frame]).payload == [1, 2]
     assert compact.decode([header, payload, mac]).payload == [1, 2]
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["small", "big"])
+def test_rekey_signs_with_the_new_key_and_accepts_the_old_during_its_grace(big: bool) -> None:
+    new_key = b"n" * 32
+    payload = np.arange(ZC, dtype=np.uint8) if big else [1, 2]
+    message = SessionMessage("sum", "master", "worker_1", payload=payload)
+    old_sender, new_sender = WireCodec(KEY), WireCodec(new_key)
+    receiver = WireCodec(KEY)
+    receiver.rekey(new_key, grace=60)
+    for sender in (old_sender, new_sender):  # peers that switched already, and those that have not yet
+        got = receiver.decode(sender.encode(message, incarnation="i", seq=1))
+        assert got.message_id == message.message_id
+    # What it sends now is signed with the new key only.
+    with pytest.raises(ForgedFrame):
+        WireCodec(KEY).decode(receiver.encode(message, incarnation="i", seq=2))
+    assert new_sender.decode(receiver.encode(message, incarnation="i", seq=3)).message_id == message.message_id
+
+
+def test_rekey_forgets_the_old_key_after_its_grace() -> None:
+    message = SessionMessage("sum", "master", "worker_1", payload=[1, 2])
+    receiver = WireCodec(KEY)
+    receiver.rekey(b"n" * 32, grace=0)
+    with pytest.raises(ForgedFrame):
+        receiver.decode(WireCodec(KEY).encode(message, incarnation="i", seq=1))
+    receiver.rekey(b"m" * 32, grace=60)  # only the key it replaced is kept, not every earlier one
+    with pytest.raises(ForgedFrame):
+        receiver.decode(WireCodec(KEY).encode(message, incarnation="i", seq=2))
+
+
+def test_rekey_needs_a_signed_codec_and_a_grace() -> None:
+    with pytest.raises(ConfigError):
+        WireCodec(None).rekey(KEY, grace=1)
+    with pytest.raises(ConfigError):
+        WireCodec(KEY).rekey(b"n" * 32, grace=-1)
