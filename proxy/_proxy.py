@@ -291,10 +291,9 @@ class Proxy:
         self._stop_requested = threading.Event()
         self._close_lock = threading.Lock()
         self._membership: _Membership | None = None
-        # (source, incarnation) pairs not in the registry, by when we last looked them up: see _check_sender
-        self._unlisted_lookups: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # Registry reads that frames prompted, by what prompted them and when: see _worth_reading_registry
+        self._prompted_reads: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._pending_key: bytes | None = None  # a new group key the membership thread found, to adopt
-        self._key_checked_at = -1.0  # when a frame failing its MAC last made us re-read the group key
         try:
             self._join(host, port, codec, max_message_bytes)
         except BaseException:
@@ -566,17 +565,9 @@ class Proxy:
 
     def _key_replaced(self) -> bool:
         """After a frame failed its MAC: whether the registry now holds another group key (then adopted).
-
-        Looked up at most once a second, and not while the membership thread finds the registry down, so
-        a stream of forged frames cannot stall the receive loop on registry reads.
-        """
-        membership = self._membership
-        if membership is not None and membership.registry_down:
+        A stream of forged frames costs one registry read a second (see _worth_reading_registry)."""
+        if not self._worth_reading_registry(("", "group key")):
             return False
-        now = time.monotonic()
-        if now - self._key_checked_at < 1.0:
-            return False
-        self._key_checked_at = now
         try:
             return self._adopt_key(self._registry.group_key(self.group_name, create=False))
         except RegistryError as exc:
@@ -980,7 +971,7 @@ class Proxy:
                                 f"{self.name!r} (incarnation {header.to_incarnation[:8]})")
         record = self._members.get(header.source)
         if record is None or record.incarnation != header.incarnation:
-            if self._worth_looking_up(header.source, header.incarnation):
+            if self._worth_reading_registry((header.source, header.incarnation)):
                 self._refresh_members_now()  # a peer that joined since our last look: one round trip
                 record = self._members.get(header.source)
             if record is None or record.incarnation != header.incarnation:
@@ -989,26 +980,27 @@ class Proxy:
                     "that the registry does not list"
                 )
 
-    def _worth_looking_up(self, source: str, incarnation: str) -> bool:
-        """Whether a frame from a (source, incarnation) the member list lacks is worth a registry read now.
+    def _worth_reading_registry(self, prompt: tuple[str, str]) -> bool:
+        """Whether a registry read that a received frame prompts is worth doing now.
 
-        Not while the membership thread finds the registry down, and once a second per pair: otherwise a
-        stream of such frames (a peer the registry lost, or a frozen Redis) would stall the receive loop for
-        up to `timeouts.registry` per frame. A peer that just joined is listed by the time its first frame
-        arrives (it registers before it can look us up), so the first read finds it.
+        `prompt` says what the frame needs: a (source, incarnation) pair the member list lacks, or
+        ("", "group key") after a MAC mismatch. Not while the membership thread finds the registry down,
+        and once a second per prompt: otherwise a stream of such frames (a peer the registry lost, forged
+        frames, a frozen Redis) would stall the receive loop for up to `timeouts.registry` per frame. A peer
+        that just joined is listed by the time its first frame arrives (it registers before it can look us
+        up), so the first read finds it.
         """
         membership = self._membership
         if membership is not None and membership.registry_down:
             return False
         now = time.monotonic()
-        key = (source, incarnation)
-        last = self._unlisted_lookups.get(key)
+        last = self._prompted_reads.get(prompt)
         if last is not None and now - last < 1.0:
             return False
-        self._unlisted_lookups[key] = now
-        self._unlisted_lookups.move_to_end(key)
-        while len(self._unlisted_lookups) > 256:
-            self._unlisted_lookups.popitem(last=False)
+        self._prompted_reads[prompt] = now
+        self._prompted_reads.move_to_end(prompt)
+        while len(self._prompted_reads) > 256:
+            self._prompted_reads.popitem(last=False)
         return True
 
     def _track_incoming(self, message: Message) -> None:
