@@ -30,6 +30,18 @@ def _round(master, names: list[str], counter: list[int]) -> list[str]:
     return [r.session_id for r in replies]
 
 
+def _check_none_lost(master, sessions: list[str]) -> None:
+    """Every task ended complete, and no frame was dropped on the way."""
+    assert all(master.session_stage(s) == "complete" for s in sessions)
+    assert master.stats.dropped_frames == 0
+
+
+def _check_none_twice(workers) -> None:
+    """No worker took a message id twice, over all its incarnations."""
+    taken = [mid for w in workers for mid in w.log_ids()]
+    assert len(taken) == len(set(taken))
+
+
 def test_registry_restarts_and_flaps_during_a_run(redis_server, workers):
     started = workers(2)
     names = [w.name for w in started]
@@ -77,14 +89,10 @@ def test_registry_restarts_and_flaps_during_a_run(redis_server, workers):
                                              payload=[40, 2]), timeout=10)
         assert reply.payload == 42
         sessions += _round(master, names + [newcomer.name], counter)
-
-        assert all(master.session_stage(s) == "complete" for s in sessions)
-        assert master.stats.dropped_frames == 0
-
-    taken = [mid for w in started for mid in w.log_ids()]
-    assert len(taken) == len(set(taken))
-    report(f"registry restart + 2 flaps: {len(sessions)} tasks, 0 lost, "
-           f"{len(taken) - len(set(taken))} duplicated; peers re-registered, newcomer joined with the same key")
+        _check_none_lost(master, sessions)
+    _check_none_twice(started)
+    report(f"registry restart + 2 flaps: {len(sessions)} tasks, 0 lost, 0 duplicated; peers re-registered, "
+           "newcomer joined with the same key")
 
 
 def test_a_member_joining_an_emptied_registry_brings_a_key_everyone_adopts(redis_server, workers):
@@ -124,13 +132,10 @@ def test_a_member_joining_an_emptied_registry_brings_a_key_everyone_adopts(redis
             raw.close()
         assert master._key == new_key != old_key and master.stats.rekeyed == 1
         sessions += _round(master, names + [newcomer.name], counter)
-        assert all(master.session_stage(s) == "complete" for s in sessions)
-        assert master.stats.dropped_frames == 0
-
-    taken = [mid for w in started for mid in w.log_ids()]
-    assert len(taken) == len(set(taken))
-    report(f"registry emptied, newcomer with a new key: {len(sessions)} tasks, 0 lost, "
-           f"{len(taken) - len(set(taken))} duplicated; the running members switched to the new key")
+        _check_none_lost(master, sessions)
+    _check_none_twice(started)
+    report(f"registry emptied, newcomer with a new key: {len(sessions)} tasks, 0 lost, 0 duplicated; the running "
+           "members switched to the new key")
 
 
 def test_close_does_not_wait_on_a_hanging_registry(redis_server):
