@@ -3,9 +3,12 @@ re-register (with the group key), and a peer joining afterwards gets the same ke
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -30,6 +33,17 @@ def _round(master, names: list[str], counter: list[int]) -> list[str]:
     return [r.session_id for r in replies]
 
 
+@contextlib.contextmanager
+def _master_and_two_workers(redis_server, workers) -> Iterator[tuple[Any, list, list[str]]]:
+    """(master proxy, the two worker processes, their names), every one joined and ready."""
+    started = workers(2)
+    with make_proxy(redis_server.url, workers.group, "master", "master",
+                    expected_peers={"worker": 2}) as master:
+        for worker in started:
+            worker.wait_ready()
+        yield master, started, [w.name for w in started]
+
+
 def _check_none_lost(master, sessions: list[str]) -> None:
     """Every task ended complete, and no frame was dropped on the way."""
     assert all(master.session_stage(s) == "complete" for s in sessions)
@@ -43,12 +57,7 @@ def _check_none_twice(workers) -> None:
 
 
 def test_registry_restarts_and_flaps_during_a_run(redis_server, workers):
-    started = workers(2)
-    names = [w.name for w in started]
-    with make_proxy(redis_server.url, workers.group, "master", "master",
-                    expected_peers={"worker": 2}) as master:
-        for worker in started:
-            worker.wait_ready()
+    with _master_and_two_workers(redis_server, workers) as (master, started, names):
         key = master._key
         counter = [0]
         sessions: list[str] = []
@@ -99,12 +108,7 @@ def test_a_member_joining_an_emptied_registry_brings_a_key_everyone_adopts(redis
     """Redis loses its data (a restart without persistence) and a member joins before any running one has
     re-registered: it creates a new group key and knows no other. The running members switch to that key
     when they re-register, accept frames still signed with the old one meanwhile, and nothing is lost."""
-    started = workers(2)
-    names = [w.name for w in started]
-    with make_proxy(redis_server.url, workers.group, "master", "master",
-                    expected_peers={"worker": 2}) as master:
-        for worker in started:
-            worker.wait_ready()
+    with _master_and_two_workers(redis_server, workers) as (master, started, names):
         old_key = master._key
         counter = [0]
         sessions = _round(master, names, counter)
