@@ -6,9 +6,12 @@ Layout (imports point down only):
     rallypoint.engine   Message, SessionMessage, RegisterTable, session state machines: pure, no I/O
     rallypoint.grammar  the rule and spec languages (Lark) into frozen AST dataclasses
 
-The engine names are imported eagerly; the proxy names on first use, so `import rallypoint` for the
-engine alone loads neither zmq nor redis.
+The engine names are imported eagerly. The proxy names are imported on first use (`rallypoint.proxy`
+costs ~100 ms, zmq and fakeredis more), so `import rallypoint` for the engine alone loads neither zmq,
+redis nor Lark; the type checker sees them as the plain re-exports below.
 """
+
+from typing import TYPE_CHECKING
 
 from rallypoint.engine import Message as Message
 from rallypoint.engine import RegisterTable as RegisterTable
@@ -19,18 +22,36 @@ from rallypoint.engine import load_spec as load_spec
 from rallypoint.errors import Error as Error
 from rallypoint.grammar import parse_rule as parse_rule
 
+if TYPE_CHECKING:
+    from rallypoint.proxy import HoldPolicy as HoldPolicy
+    from rallypoint.proxy import InMemoryDriver as InMemoryDriver
+    from rallypoint.proxy import InMemoryNetwork as InMemoryNetwork
+    from rallypoint.proxy import InMemoryRegistry as InMemoryRegistry
+    from rallypoint.proxy import Liveness as Liveness
+    from rallypoint.proxy import Proxy as Proxy
+    from rallypoint.proxy import RedisRegistry as RedisRegistry
+    from rallypoint.proxy import Timeouts as Timeouts
+    from rallypoint.proxy._dist import dist as dist
+    from rallypoint.proxy._embedded import EmbeddedRegistryServer as EmbeddedRegistryServer
+    from rallypoint.proxy._zmq import ZmqDriver as ZmqDriver
+
+# The names above that exist at run time only once `rallypoint.proxy` is imported, by `__getattr__`.
 _PROXY_NAMES = frozenset(
     {"Proxy", "dist", "Timeouts", "Liveness", "HoldPolicy", "EmbeddedRegistryServer", "InMemoryDriver",
      "InMemoryNetwork", "InMemoryRegistry", "RedisRegistry", "ZmqDriver"}
 )
 
 
-def __getattr__(name: str) -> object:
-    if name in _PROXY_NAMES:
-        import rallypoint.proxy
+if not TYPE_CHECKING:  # hidden from the type checker, which would otherwise accept any name as `object`
 
-        return getattr(rallypoint.proxy, name)
-    raise AttributeError(f"module 'rallypoint' has no attribute {name!r}")
+    def __getattr__(name: str) -> object:
+        if name in _PROXY_NAMES:
+            import rallypoint.proxy
+
+            value = getattr(rallypoint.proxy, name)
+            globals()[name] = value  # later look-ups skip this function
+            return value
+        raise AttributeError(f"module 'rallypoint' has no attribute {name!r}")
 
 
 __all__ = [

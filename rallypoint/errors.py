@@ -14,7 +14,7 @@
     ├── ProxyClosed                    the proxy was closed by us
     ├── RegistryError                  the registry (Redis) could not be reached or is inconsistent
     │   └── JoinTimeout(TimeoutError)  expected peers did not show up in time; .missing
-    └── TransportError                 the network or a peer failed us
+    └── TransportError                 the network or a peer failed us; .replies .session_ids
         ├── Timeout(TimeoutError)      a blocking call ran out of time; .missing
         ├── PeerUnreachable            no live connection to that peer; .peer
         ├── PeerGone                   the peer died or left while we waited on it; .peer
@@ -25,12 +25,17 @@
             ├── OversizedFrame         more than max_message_bytes, refused before hashing
             └── ReplayedFrame          a (source, incarnation, seq) already seen
 
-This module is a leaf: it imports nothing from rallypoint, so every layer can use it.
+This module is a leaf: at run time it imports nothing from rallypoint, so every layer can use it (the
+engine's `Message` is imported for the type checker only).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rallypoint.engine import Message
 
 __all__ = [
     "ConfigError",
@@ -195,40 +200,83 @@ class JoinTimeout(RegistryError, TimeoutError):
 
 
 class TransportError(Error):
-    """The network or a peer failed us."""
+    """The network or a peer failed us.
+
+    A call that waited on several sessions says how far it got: `.replies` holds the replies that did
+    arrive (in the order the sessions were sent) and `.session_ids` the sessions the failure hit; both are
+    empty when the failure is not about sessions.
+    """
+
+    def __init__(
+        self, *args: object, replies: Iterable[Message] = (), session_ids: Iterable[str] = ()
+    ) -> None:
+        super().__init__(*args)
+        self.replies: list[Message] = list(replies)
+        self.session_ids: tuple[str, ...] = tuple(session_ids)
 
 
 class Timeout(TransportError, TimeoutError):
     """A blocking call ran out of time; `.missing` names what did not arrive (session ids or peers)."""
 
-    def __init__(self, message: str, missing: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        missing: Iterable[str] = (),
+        *,
+        replies: Iterable[Message] = (),
+        session_ids: Iterable[str] = (),
+    ) -> None:
         self.missing = tuple(missing)
-        super().__init__(message)
+        super().__init__(message, replies=replies, session_ids=session_ids)
 
 
 class PeerUnreachable(TransportError):
     """There is no live connection to that peer (never joined, or not reconnected yet)."""
 
-    def __init__(self, peer: str, message: str | None = None) -> None:
+    def __init__(
+        self,
+        peer: str,
+        message: str | None = None,
+        *,
+        replies: Iterable[Message] = (),
+        session_ids: Iterable[str] = (),
+    ) -> None:
         self.peer = peer
-        super().__init__(message or f"peer {peer!r} is unreachable")
+        super().__init__(message or f"peer {peer!r} is unreachable", replies=replies, session_ids=session_ids)
 
 
 class PeerGone(TransportError):
     """The peer died or left while we were waiting on it."""
 
-    def __init__(self, peer: str, message: str | None = None, session_ids: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        peer: str,
+        message: str | None = None,
+        session_ids: Iterable[str] = (),  # also positional, as before `replies` existed
+        *,
+        replies: Iterable[Message] = (),
+    ) -> None:
         self.peer = peer
-        self.session_ids = tuple(session_ids)
-        super().__init__(message or f"peer {peer!r} is gone")
+        super().__init__(message or f"peer {peer!r} is gone", replies=replies, session_ids=session_ids)
 
 
 class DeliveryRefused(TransportError):
     """A message for a gone peer could not be held (the hold bound was hit) and was not sent."""
 
-    def __init__(self, peer: str, message: str | None = None) -> None:
+    def __init__(
+        self,
+        peer: str,
+        message: str | None = None,
+        *,
+        replies: Iterable[Message] = (),
+        session_ids: Iterable[str] = (),
+    ) -> None:
         self.peer = peer
-        super().__init__(message or f"message for gone peer {peer!r} was refused: hold bound reached")
+        super().__init__(
+            message or f"message for gone peer {peer!r} was refused: hold bound reached",
+            replies=replies,
+            session_ids=session_ids,
+        )
 
 
 class FrameError(TransportError):
