@@ -4,7 +4,8 @@ A message travels as one multipart message::
 
     [header, payload_0, ..., payload_{n-1}, mac]
 
-- `header` is a msgpack array (see `Header`): everything a receiver needs to route a message and match rules
+- `header` is a msgpack array (see `Header`, a msgspec Struct encoded array-like and decoded by one typed
+  decoder): everything a receiver needs to route a message and match rules
   (tag, source, destination, ids, session type/stage/event, codec), plus the sender's `incarnation` and `seq`
   for replay protection and the number `n` of payload frames. It never holds payload data.
 - the payload frames: with the "pickle" codec, a pickle (protocol 5) stream followed by its out-of-band
@@ -15,15 +16,18 @@ A message travels as one multipart message::
 - `mac` is a keyed MAC over the header and every payload frame (see `_MacScheme` for the construction and
   why). `key=None` drops the mac frame: unsigned frames, for tests and overhead benchmarks only.
 
-Decoding checks, in this order and before anything is parsed: the frame count, the total size against
-`max_message_bytes` (from the frame lengths, before hashing), the header size, then the MAC. Only then is the
-header parsed and, last, the payload decoded, so no network bytes reach `pickle.loads` unless they are
-authenticated. Every problem comes out as a `FrameError` subclass, whatever the input.
+Receiving is `WireCodec.open(frames)`, which checks, in this order and before anything is parsed: the frame
+count, the total size against `max_message_bytes` (from the frame lengths, before hashing), the header size,
+then the MAC. Only then is the header parsed, and it comes back in an `Envelope` together with the very
+frames it was verified with; `Envelope.message()` decodes the payload last, so no network bytes reach
+`pickle.loads` unless they are authenticated. Every problem comes out as a `FrameError` subclass, whatever
+the input.
 
     >>> codec = WireCodec(b"group key")
     >>> frames = codec.encode(Message("ping", "a", "b", payload=[1, 2]), incarnation="i1", seq=1)
-    >>> codec.decode(frames).payload
-    [1, 2]
+    >>> envelope = codec.open(frames)
+    >>> envelope.header.source, envelope.message().payload
+    ('a', [1, 2])
 """
 
 from __future__ import annotations
@@ -33,14 +37,16 @@ import hashlib
 import hmac
 import io
 import pickle
+import re
 import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import Annotated, Any
 
 import msgpack
+import msgspec
 
 from rallypoint.engine._message import Message, SessionMessage, SessionType
 from rallypoint.errors import (
@@ -51,7 +57,7 @@ from rallypoint.errors import (
     ReplayedFrame,
 )
 
-__all__ = ["VERSION", "Header", "ReplayGuard", "WireCodec"]
+__all__ = ["VERSION", "Envelope", "Header", "ReplayGuard", "WireCodec"]
 
 VERSION = 2
 """Wire format version, the first field of every header; a receiver refuses any other."""
@@ -61,11 +67,10 @@ _CODEC_NAMES = {v: k for k, v in CODECS.items()}
 
 FLAG_SESSION = 0x01  # a SessionMessage (session_type/stage/event are meaningful)
 FLAG_OOB_BYTES = 0x02  # pickle stream uses persistent ids for out-of-band bytes/bytearray frames
-_KNOWN_FLAGS = FLAG_SESSION | FLAG_OOB_BYTES
+_KNOWN_FLAGS = FLAG_SESSION | FLAG_OOB_BYTES  # the low bits, contiguous: "known" is "0 <= flags <= this"
 
 MAX_HEADER_BYTES = 64 * 1024  # a header is ~200 bytes; anything near this is garbage
 MAX_FRAMES = 1 << 16  # header + payload frames + mac; more is garbage (or an attempt to burn our CPU)
-_HEADER_FIELDS = 15
 _BUILTIN_TYPES: dict[str | None, SessionType] = {t.value: t for t in SessionType}
 _TASK, _NOTIFICATION = SessionType.TASK, SessionType.NOTIFICATION
 _MAC_BYTES = 32
@@ -73,36 +78,39 @@ _COMPACT_MARK = 0xC1  # the one byte msgpack never uses: a header frame cannot s
 _COMPACT_PREFIX = struct.Struct("<BI")
 
 
-def _expand(frames: Sequence[Any], signed: bool) -> Sequence[Any]:
-    """A compact single frame as the frames [header, payload(, mac)] it stands for; others as they are."""
-    if len(frames) != 1:
-        return frames
-    frame = frames[0]
+def _split_compact(frame: Any, signed: bool) -> tuple[Any, Any, Any] | None:
+    """A compact single frame's (header, payload, mac-or-None) as views; None if it is not compact.
+
+    Raises MalformedFrame for a compact frame whose announced header length does not fit in it.
+    """
+    # bytes (what small frames arrive as) are sliced into bytes: for a frame this small, copying is cheaper
+    # than making views, and msgspec reads bytes faster than a view.
     view = frame if type(frame) is bytes else memoryview(frame).cast("B")
     if len(view) < _COMPACT_PREFIX.size or view[0] != _COMPACT_MARK:
-        return frames
+        return None
     _, header_length = _COMPACT_PREFIX.unpack_from(view)
     start = _COMPACT_PREFIX.size
     end = start + header_length
     tail = len(view) - (_MAC_BYTES if signed else 0)
     if end > tail:
         raise MalformedFrame(f"compact frame of {len(view)} bytes announces a {header_length}-byte header")
-    parts = [view[start:end], view[end:tail]]
-    if signed:
-        parts.append(view[tail:])
-    return parts
+    return view[start:end], view[end:tail], (view[tail:] if signed else None)
 
 
-class Header(NamedTuple):
-    """The decoded header frame: everything but the payload.
+_Count = Annotated[int, msgspec.Meta(ge=0)]
 
-    `verified` is not on the wire: True when the MAC over all the frames was checked (or the codec is
-    unsigned), so the fields can be trusted for routing, matching and replay checks.
+
+class Header(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True, gc=False):
+    """The header frame: everything but the payload, as a compact msgpack array (the fields in this order).
+
+    The typed decoder enforces every field's type exactly (text is never bytes, an int is never a bool or a
+    float) and the bounds below; `WireCodec` checks what spans fields (version, payload frame count, a
+    session type on session messages). Frozen: a verified header cannot be edited after its MAC was checked.
     """
 
     version: int
-    flags: int
-    codec: int
+    flags: Annotated[int, msgspec.Meta(ge=0, le=_KNOWN_FLAGS)]
+    codec: Annotated[int, msgspec.Meta(ge=0, le=max(_CODEC_NAMES))]
     tag: str
     source: str
     destination: str
@@ -112,12 +120,11 @@ class Header(NamedTuple):
     session_stage: str | None
     event: str | None
     incarnation: str  # the sender's per-process id
-    seq: int  # the sender's per-process message counter (strictly increasing)
-    nframes: int  # number of payload frames
+    seq: _Count  # the sender's per-process message counter (strictly increasing)
+    nframes: _Count  # number of payload frames
     # The incarnation of the destination process the sender meant ("" when it did not know one), so a
     # process restarted under the same name never takes frames meant for its predecessor.
-    to_incarnation: str = ""
-    verified: bool = False
+    to_incarnation: str
 
     @property
     def is_session(self) -> bool:
@@ -132,6 +139,103 @@ class Header(NamedTuple):
     @property
     def codec_name(self) -> str:
         return _CODEC_NAMES.get(self.codec, f"unknown({self.codec})")
+
+
+class _VersionOnly(msgspec.Struct, array_like=True):
+    """The first header field alone, to name a version mismatch when the rest does not fit `Header`."""
+
+    version: Any
+
+
+_HEADER_DECODER = msgspec.msgpack.Decoder(Header)
+_VERSION_DECODER = msgspec.msgpack.Decoder(_VersionOnly)
+_FIELD_NAMES = Header.__struct_fields__
+_FIELD_PATH = re.compile(r"`\$\[(\d+)\]`")
+
+
+def _parse_header(data: Any, payload_frames: int) -> Header:
+    """The Header in `data`, checked against the number of payload frames that came with it."""
+    try:
+        header = _HEADER_DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        raise MalformedFrame(_header_problem(data, exc)) from exc
+    if header.version != VERSION:
+        raise MalformedFrame(f"unsupported wire version {header.version!r} (this side speaks {VERSION})")
+    if header.nframes != payload_frames:
+        raise MalformedFrame(f"header announces {header.nframes} payload frames, got {payload_frames}")
+    if header.session_type is None and header.flags & FLAG_SESSION:
+        raise MalformedFrame("session message without a session type")
+    return header
+
+
+def _header_problem(data: Any, exc: msgspec.ValidationError) -> str:
+    """Words for a header that does not fit `Header`: a version mismatch first, else the field at fault."""
+    try:
+        version = _VERSION_DECODER.decode(data).version
+    except msgspec.MsgspecError:
+        version = VERSION
+    if version != VERSION or type(version) is not int:
+        return f"unsupported wire version {version!r:.20} (this side speaks {VERSION})"
+    found = _FIELD_PATH.search(str(exc))
+    field = f" (field {_FIELD_NAMES[int(found[1])]!r})" if found and int(found[1]) < len(_FIELD_NAMES) else ""
+    return f"bad header{field}: {exc}"
+
+
+class Envelope:
+    """A received message that passed every check: its verified header and its payload frames, together.
+
+        >>> codec = WireCodec(b"k")
+        >>> envelope = codec.open(codec.encode(Message("t", "a", "b", [1]), incarnation="i", seq=1))
+        >>> envelope.header.tag, envelope.message().payload
+        ('t', [1])
+
+    Only `WireCodec.open` builds one (calling `Envelope()` raises TypeError), so a header whose MAC was
+    checked can never be paired with frames it was not checked with: route, match and replay-check on
+    `header`, then decode the payload with `message()`. `nbytes` is the size of the received frames, for
+    buffers bounded in bytes.
+    """
+
+    __slots__ = ("_header", "_payload", "_nbytes", "_codec")
+    _header: Header
+    _payload: Sequence[Any]
+    _nbytes: int
+    _codec: WireCodec
+
+    def __init__(self) -> None:
+        raise TypeError("an Envelope is built by WireCodec.open(frames) only")
+
+    @property
+    def header(self) -> Header:
+        return self._header
+
+    @property
+    def payload_frames(self) -> Sequence[Any]:
+        """The payload frames the header was verified with (views of the received memory)."""
+        return self._payload
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def message(self) -> Message:
+        """The Message or SessionMessage inside; MalformedFrame if its payload does not decode here.
+
+        Decodes each time it is called (a pickle payload gives new objects each time).
+        """
+        return self._codec._message(self._header, self._payload)
+
+    def __repr__(self) -> str:
+        h = self._header
+        return f"Envelope({h.kind} {h.tag!r} {h.source!r} -> {h.destination!r}, {self._nbytes} bytes)"
+
+
+def _envelope(header: Header, payload: Sequence[Any], nbytes: int, codec: WireCodec) -> Envelope:
+    envelope: Envelope = object.__new__(Envelope)
+    envelope._header = header
+    envelope._payload = payload
+    envelope._nbytes = nbytes
+    envelope._codec = codec
+    return envelope
 
 
 # --------------------------------------------------------------------------------------------- the MAC
@@ -329,19 +433,22 @@ class WireCodec:
         >>> codec = WireCodec(b"k", codec="pickle")
         >>> frames = codec.encode(SessionMessage("sum", "master", "worker_1", payload=[1, 2]),
         ...                       incarnation="0f3c", seq=7)
-        >>> codec.decode_header(frames).tag, codec.decode(frames).payload
+        >>> envelope = codec.open(frames)
+        >>> envelope.header.tag, envelope.message().payload
         ('sum', [1, 2])
 
     `codec` picks how this side encodes payloads: "pickle" (any picklable object; big buffers zero-copy) or
     "msgpack" (plain data only: None, bool, int, float, str, bytes, list, dict; tuples arrive as lists; no
     pickle anywhere). A "msgpack" codec also refuses to decode pickle payloads; a "pickle" codec decodes
-    both. Encoding and decoding are for one thread at a time (the codec reuses a msgpack Packer).
+    both. Encoding is for one thread at a time (the codec reuses a msgpack Packer), and so is `open` (it may
+forget the key `rekey` replaced).
 
     Small messages (one payload frame below `zero_copy_threshold`) travel as ONE frame,
     `0xC1 | u32 header length | header | payload | mac`: measured here, libzmq and pyzmq move 3-part
     messages at a quarter of the rate of 1-part ones, so this is the largest single cost on the small-message
     path. The MAC is the same as over the frames [header, payload], and decoding splits the frame back into
-    those (0xC1 is the one byte msgpack never uses, so a compact frame cannot be mistaken for a header).
+    those (0xC1 is the one byte msgpack never uses, so a compact frame cannot be mistaken for a header);
+`open` splits it without copying the payload.
     `compact=False` always sends separate frames.
 
     Zero copy cuts both ways: the payload frames of `encode()` are views of the caller's buffers (numpy
@@ -349,7 +456,7 @@ class WireCodec:
     flight the receiver sees a MAC mismatch and drops the message (it never sees altered data).
     """
 
-    __slots__ = ("_mac", "_previous_mac", "_previous_until", "_codec_id", "_max", "_zc", "_packer",
+    __slots__ = ("_mac", "_previous_mac", "_previous_until", "_codec_id", "_max", "_zc", "_header_encoder",
                  "_payload_packer", "_safe_only", "_compact")
 
     def __init__(
@@ -374,17 +481,9 @@ class WireCodec:
         self._safe_only = codec == "msgpack"
         self._max = max_message_bytes
         self._zc = zero_copy_threshold
-        self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+        self._header_encoder = msgspec.msgpack.Encoder()
         self._payload_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
         self._compact = compact
-
-    def split(self, frames: Sequence[Any]) -> Sequence[Any]:
-        """`frames` with a compact single frame split into [header, payload(, mac)]; others as they are.
-
-        Decoding does this itself; a caller that decodes the header and then the payload can split once
-        first so the work is not done twice. Raises MalformedFrame for a compact frame that lies.
-        """
-        return _expand(frames, self._mac is not None)
 
     def rekey(self, key: bytes, *, grace: float) -> None:
         """Sign with `key` from now on, and still accept frames signed with the current key for `grace`
@@ -395,15 +494,6 @@ class WireCodec:
             raise ConfigError(f"grace must be >= 0, not {grace}")
         self._previous_mac, self._mac = self._mac, _MacScheme(key)
         self._previous_until = time.monotonic() + grace
-
-    def _signed_with_previous(self, frames: Sequence[Any], lengths: Sequence[int]) -> bool:
-        previous = self._previous_mac
-        if previous is None:
-            return False
-        if time.monotonic() >= self._previous_until:
-            self._previous_mac = None  # its grace is over: forget the key
-            return False
-        return hmac.compare_digest(_expected_mac(previous, frames, lengths), frames[-1])
 
     @property
     def signed(self) -> bool:
@@ -445,16 +535,10 @@ class WireCodec:
             event = message.event
         else:
             session_type = stage = event = None
-        fields = [
+        header = self._encode_header(Header(  # positional: cheaper than keywords, on every message
             VERSION, flags, self._codec_id, tag, message.source, message.destination, message.session_id,
             message.message_id, session_type, stage, event, incarnation, seq, len(payload_frames), to_incarnation,
-        ]
-        if not _header_types_ok(fields):
-            raise ConfigError(_header_type_problem(fields))
-        try:
-            header = self._packer.pack(fields)
-        except (TypeError, ValueError, OverflowError) as exc:  # e.g. a seq beyond 64 bits
-            raise ConfigError(f"cannot encode the message header: {exc}") from exc
+        ))
         if self._compact and len(payload_frames) == 1:
             payload = payload_frames[0]
             header_length = len(header)
@@ -480,6 +564,18 @@ class WireCodec:
         if self._mac is not None:
             frames.append(self._mac.compute(frames, lengths))
         return frames
+
+    def _encode_header(self, header: Header) -> bytes:
+        """The header's bytes; ConfigError for one the receiver would refuse (a Struct does not check types
+        when built, so the receiver's own decoder checks it here: one set of rules for both sides)."""
+        try:
+            data = self._header_encoder.encode(header)
+            _HEADER_DECODER.decode(data)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"cannot encode the message header: {_header_problem(data, exc)}") from exc
+        except (TypeError, ValueError, OverflowError, msgspec.MsgspecError) as exc:  # e.g. a seq beyond 64 bits
+            raise ConfigError(f"cannot encode the message header: {exc}") from exc
+        return data
 
     def encode_payload(self, payload: Any) -> tuple[list[Any], int]:
         """The payload frames and flags of a message carrying `payload`; ConfigError if it can't be encoded.
@@ -537,160 +633,141 @@ class WireCodec:
 
     # ------------------------------------------------------------------------------ decode
 
-    def decode_header(self, frames: Sequence[Any], *, verify: bool = True) -> Header:
-        """Check the frames and return their header, without decoding the payload.
+    def open(self, frames: Sequence[Any]) -> Envelope:
+        """Check received `frames` once and return their verified header and payload frames together.
 
-        With `verify` (the default) the MAC over all frames is checked first, so the header can be trusted
-        (`header.verified` is True); `verify=False` parses an unauthenticated header (safe, msgpack only).
-        Raises MalformedFrame, OversizedFrame or ForgedFrame, never anything else.
+        Checks the frame count, the total size (before hashing), the header size, the MAC (with the key
+        `rekey` replaced, during its grace), then parses the header. The payload is not decoded until
+        `Envelope.message()`. Raises MalformedFrame, OversizedFrame or ForgedFrame, never anything else.
         """
         try:
-            signed = self._mac is not None
-            if len(frames) == 1:  # a compact frame (the proxy splits it once, before calling this)
-                frames = _expand(frames, signed)
-            n = len(frames)
-            if n < (2 if signed else 1):
-                raise MalformedFrame(f"{n} frame(s): too few for a message")
-            if n > MAX_FRAMES:
-                raise MalformedFrame(f"{n} frames: more than {MAX_FRAMES}")
-            lengths = [len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames]
-            total = sum(lengths)
-            if total > self._max:
-                raise OversizedFrame(f"{total} bytes in {n} frames, over max_message_bytes={self._max}")
-            if lengths[0] > MAX_HEADER_BYTES:
-                raise MalformedFrame(f"header frame of {lengths[0]} bytes")
-            verified = False
-            if signed and verify:
-                if lengths[-1] != _MAC_BYTES:
-                    raise ForgedFrame(f"mac frame of {lengths[-1]} bytes, expected {_MAC_BYTES}")
-                assert self._mac is not None
-                if not hmac.compare_digest(_expected_mac(self._mac, frames, lengths), frames[-1]) and (
-                    not self._signed_with_previous(frames, lengths)
-                ):
-                    raise ForgedFrame("MAC mismatch: not signed with the group key, or altered")
-                verified = True
-            elif not signed:
-                verified = True  # nothing to verify: an unsigned codec trusts everything (tests only)
-            fields = msgpack.unpackb(frames[0], raw=False, use_list=True, strict_map_key=True)
-        except (
-            TypeError, ValueError, BufferError, OverflowError, RecursionError, MemoryError,
-            msgpack.UnpackException,
-        ) as exc:
-            # msgpack's errors (ExtraData, FormatError, StackError, UnicodeDecodeError, ...) are ValueErrors;
-            # non-buffer "frames" give TypeError.
+            header, payload, mac, lengths, nbytes = self._parts(frames)
+            self._verify(header, payload, mac, lengths)
+            return _envelope(_parse_header(header, len(payload)), payload, nbytes, self)
+        except _PARSE_ERRORS as exc:
             raise MalformedFrame(f"undecodable frames: {type(exc).__name__}: {exc}") from exc
-        if type(fields) is not list or len(fields) != _HEADER_FIELDS:
-            raise MalformedFrame("header is not a msgpack array of the expected length")
-        if fields[0] != VERSION or type(fields[0]) is not int:
-            raise MalformedFrame(f"unsupported wire version {fields[0]!r} (this side speaks {VERSION})")
-        if not _header_types_ok(fields):
-            raise MalformedFrame(_header_type_problem(fields))
-        flags = fields[1]
-        if flags & ~_KNOWN_FLAGS or fields[2] not in _CODEC_NAMES:
-            raise MalformedFrame(f"unknown flags {flags:#x} or codec {fields[2]!r}")
-        if fields[13] != n - 1 - (1 if signed else 0):
-            raise MalformedFrame(f"header announces {fields[13]} payload frames, got {n - 1 - signed}")
-        if (flags & FLAG_SESSION) and fields[8] is None:
-            raise MalformedFrame("session message without a session type")
-        fields.append(verified)
-        return tuple.__new__(Header, fields)
 
-    def decode(self, frames: Sequence[Any], header: Header | None = None) -> Message:
-        """The Message or SessionMessage in `frames`, after checking the MAC.
+    def decode(self, frames: Sequence[Any]) -> Message:
+        """`open(frames).message()`: the Message or SessionMessage in `frames`, after every check.
 
-        Pass the `header` that `decode_header(frames)` returned to skip checking the MAC a second time.
         The tag arrives as text (Enum tags travel by value). Raises only FrameError subclasses.
         """
-        if header is None or not header.verified:
-            header = self.decode_header(frames)
+        return self.open(frames).message()
+
+    def peek_header(self, frames: Sequence[Any]) -> Header:
+        """The header of `frames` WITHOUT checking the MAC: unauthenticated, for tools and tests only.
+
+        Nothing in it can be trusted (anyone can write any header), and it cannot be used to decode the
+        payload: for that, `open(frames)`. The frame structure is checked as `open` does; raises only
+        FrameError subclasses.
+        """
+        try:
+            header, payload, _, _, _ = self._parts(frames)
+            return _parse_header(header, len(payload))
+        except _PARSE_ERRORS as exc:
+            raise MalformedFrame(f"undecodable frames: {type(exc).__name__}: {exc}") from exc
+
+    def _parts(self, frames: Sequence[Any]) -> _Parts:
+        """`frames` taken apart, after the checks that need no hashing (see `_Parts`)."""
+        signed = self._mac is not None
         if len(frames) == 1:
-            frames = _expand(frames, self._mac is not None)  # checked by decode_header: cannot raise here
-        end = len(frames) - 1 if self._mac is not None else len(frames)
-        payload = self._decode_payload(header, frames, end)
+            compact = _split_compact(frames[0], signed)
+            if compact is not None:
+                header, payload, mac = compact
+                nbytes = _nbytes(frames[0])
+                if nbytes > self._max:
+                    raise OversizedFrame(f"{nbytes} bytes in 1 frame, over max_message_bytes={self._max}")
+                lengths = (len(header), len(payload))
+                if lengths[0] > MAX_HEADER_BYTES:
+                    raise MalformedFrame(f"header frame of {lengths[0]} bytes")
+                return header, (payload,), mac, lengths, nbytes
+        n = len(frames)
+        if n < (2 if signed else 1):
+            raise MalformedFrame(f"{n} frame(s): too few for a message")
+        if n > MAX_FRAMES:
+            raise MalformedFrame(f"{n} frames: more than {MAX_FRAMES}")
+        lengths_all = [len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames]
+        nbytes = sum(lengths_all)
+        if nbytes > self._max:
+            raise OversizedFrame(f"{nbytes} bytes in {n} frames, over max_message_bytes={self._max}")
+        if lengths_all[0] > MAX_HEADER_BYTES:
+            raise MalformedFrame(f"header frame of {lengths_all[0]} bytes")
+        if signed:
+            if lengths_all[-1] != _MAC_BYTES:
+                raise ForgedFrame(f"mac frame of {lengths_all[-1]} bytes, expected {_MAC_BYTES}")
+            return frames[0], frames[1:-1], frames[-1], lengths_all[:-1], nbytes
+        return frames[0], frames[1:], None, lengths_all, nbytes
+
+    def _verify(self, header: Any, payload: Sequence[Any], mac: Any, lengths: Sequence[int]) -> None:
+        """ForgedFrame unless `mac` is that of the current key (or of the replaced one, in its grace)."""
+        if self._mac is None:
+            return  # nothing to verify: an unsigned codec trusts everything (tests and benchmarks only)
+        if hmac.compare_digest(_expected_mac(self._mac, header, payload, lengths), mac):
+            return
+        previous = self._previous_mac
+        if previous is not None:
+            if time.monotonic() >= self._previous_until:
+                self._previous_mac = None  # its grace is over: forget the key
+            elif hmac.compare_digest(_expected_mac(previous, header, payload, lengths), mac):
+                return
+        raise ForgedFrame("MAC mismatch: not signed with the group key, or altered")
+
+    def _message(self, header: Header, payload: Sequence[Any]) -> Message:
+        """The message `header` and its verified `payload` frames stand for (for `Envelope.message`)."""
+        data = self._decode_payload(header, payload)
         try:
             if header.flags & FLAG_SESSION:
                 st = header.session_type
                 return SessionMessage(  # positional: cheaper than keywords, on every message
-                    header.tag, header.source, header.destination, payload, _BUILTIN_TYPES.get(st) or str(st),
+                    header.tag, header.source, header.destination, data, _BUILTIN_TYPES.get(st) or str(st),
                     header.session_stage, header.session_id, header.message_id, header.event,
                 )
             return Message(
-                header.tag, header.source, header.destination, payload, header.session_id, header.message_id
+                header.tag, header.source, header.destination, data, header.session_id, header.message_id
             )
         except Exception as exc:  # e.g. an unknown user session type with no stage
             raise MalformedFrame(f"cannot build the message: {exc!r}") from exc
 
-    def _decode_payload(self, header: Header, frames: Sequence[Any], end: int) -> Any:
-        codec = header.codec
-        if codec == 1:  # msgpack
-            if end != 2:
-                raise MalformedFrame(f"msgpack payload in {end - 1} frames, expected 1")
+    def _decode_payload(self, header: Header, payload: Sequence[Any]) -> Any:
+        if header.codec == 1:  # msgpack
+            if len(payload) != 1:
+                raise MalformedFrame(f"msgpack payload in {len(payload)} frames, expected 1")
             try:
-                return msgpack.unpackb(frames[1], raw=False, use_list=True, strict_map_key=False)
+                return msgpack.unpackb(payload[0], raw=False, use_list=True, strict_map_key=False)
             except Exception as exc:
                 raise MalformedFrame(f"msgpack payload does not decode: {exc!r}") from exc
         if self._safe_only:
             raise MalformedFrame(f"pickle payload from {header.source!r} refused: this codec is msgpack-only")
-        if not header.verified:  # belt and braces: pickle only ever sees authenticated bytes
-            raise ForgedFrame("refusing to unpickle an unverified payload")
+        # Only `open` reaches here, after the MAC check: pickle only ever sees authenticated bytes.
         try:
             if header.flags & FLAG_OOB_BYTES:
-                return _OOBUnpickler(frames[1], frames[2:end]).load()
-            if end == 2:
-                return pickle.loads(frames[1])
-            return pickle.loads(frames[1], buffers=frames[2:end])
+                return _OOBUnpickler(payload[0], payload[1:]).load()
+            if len(payload) == 1:
+                return pickle.loads(payload[0])
+            return pickle.loads(payload[0], buffers=payload[1:])
         except Exception as exc:  # authenticated but undecodable here: a class this side can't import, ...
             raise MalformedFrame(f"pickle payload does not decode: {exc!r}") from exc
 
 
-def _expected_mac(scheme: _MacScheme, frames: Sequence[Any], lengths: Sequence[int]) -> bytes:
-    """The MAC `scheme` gives frames [header, *payload, mac] (the last is not covered)."""
-    if len(frames) == 3:  # header, one payload frame, mac: the small-message case
-        return scheme.compute_pair(frames[0], frames[1], lengths[0], lengths[1])
-    return scheme.compute(frames[:-1], lengths[:-1])
+# Received frames taken apart: (header, payload frames, mac or None, lengths of the header and payload frames
+# (what the MAC covers), size of all the frames). A plain tuple: this is on every message's path.
+_Parts = tuple[Any, Sequence[Any], Any, Sequence[int], int]
 
 
-def _header_types_ok(f: list[Any]) -> bool:
-    # Exact types, as the encoder produces them (a str subclass would re-encode differently).
-    return (
-        type(f[1]) is int
-        and type(f[2]) is int
-        and type(f[3]) is str
-        and type(f[4]) is str
-        and type(f[5]) is str
-        and type(f[6]) is str
-        and type(f[7]) is str
-        and (f[8] is None or type(f[8]) is str)
-        and (f[9] is None or type(f[9]) is str)
-        and (f[10] is None or type(f[10]) is str)
-        and type(f[11]) is str
-        and type(f[12]) is int
-        and f[12] >= 0
-        and type(f[13]) is int
-        and type(f[14]) is str
-    )
+# What parsing hostile input can raise besides our own errors: non-buffer "frames" give TypeError, msgspec's
+# errors are MsgspecError, a header's bad UTF-8 is a ValueError.
+_PARSE_ERRORS = (TypeError, ValueError, BufferError, OverflowError, RecursionError, MemoryError,
+                 msgspec.MsgspecError)
 
 
-_FIELD_NAMES = Header._fields
-
-
-def _header_type_problem(f: list[Any]) -> str:
-    for i in range(1, _HEADER_FIELDS):
-        v = f[i]
-        if i in (1, 2, 12, 13):
-            ok = type(v) is int and (i != 12 or v >= 0)
-        elif i in (8, 9, 10):
-            ok = v is None or type(v) is str
-        else:
-            ok = type(v) is str
-        if not ok:
-            want = "a non-negative int" if i == 12 else "an int" if i in (1, 2, 13) else "text"
-            return f"header field {_FIELD_NAMES[i]!r} must be {want}, got {type(v).__name__}: {v!r:.60}"
-    return "bad header"
+def _expected_mac(scheme: _MacScheme, header: Any, payload: Sequence[Any], lengths: Sequence[int]) -> bytes:
+    """The MAC `scheme` gives `header` and its `payload` frames."""
+    if len(payload) == 1:  # the small-message case
+        return scheme.compute_pair(header, payload[0], lengths[0], lengths[1])
+    return scheme.compute((header, *payload), lengths)
 
 
 # ---------------------------------------------------------------------------------- replay guard
-
 
 class ReplayGuard:
     """Refuse frames whose sequence number was already seen for their (source, incarnation).

@@ -1,4 +1,4 @@
-"""The frame codec (proxy/_wire.py): round trips, zero copy, MAC, malformed input, replay guard."""
+"""The frame codec (proxy/_wire.py): round trips, envelopes, zero copy, MAC, malformed input, replay guard."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from rallypoint.errors import (
     ReplayedFrame,
     TransportError,
 )
-from rallypoint.proxy._wire import FLAG_OOB_BYTES, VERSION, Header, ReplayGuard, WireCodec
+from rallypoint.proxy._wire import FLAG_OOB_BYTES, VERSION, Envelope, Header, ReplayGuard, WireCodec
 
 
 def Codec(*args, **kwargs):  # noqa: N802 - stands in for the class
@@ -99,7 +99,7 @@ def test_enum_tags_travel_by_value(tag: object, text: str) -> None:
     codec = Codec(KEY)
     frames, out = roundtrip(codec, Message(tag, "a", "b"))
     assert out.tag == text
-    assert codec.decode_header(frames).tag == text
+    assert codec.open(frames).header.tag == text
 
 
 def test_header_routes_without_the_payload(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,33 +107,77 @@ def test_header_routes_without_the_payload(monkeypatch: pytest.MonkeyPatch) -> N
     msg = SessionMessage("sum", "master", "worker_001", [1, 2], session_type=SessionType.TASK)
     frames = codec.encode(msg, incarnation="inc-9", seq=42)
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("payload decoded"))
-    h = codec.decode_header(frames)
+    h = codec.open(frames).header
     assert isinstance(h, Header)
     assert (h.version, h.tag, h.source, h.destination) == (VERSION, "sum", "master", "worker_001")
     assert (h.session_id, h.message_id) == (msg.session_id, msg.message_id)
     assert (h.session_type, h.session_stage, h.event) == ("task", "request", None)
     assert (h.incarnation, h.seq, h.nframes, h.codec_name) == ("inc-9", 42, 1, "pickle")
-    assert h.is_session and h.kind == "session" and h.verified
-    plain = codec.decode_header(codec.encode(Message("t", "a", "b"), incarnation="i", seq=1))
+    assert h.is_session and h.kind == "session"
+    plain = codec.open(codec.encode(Message("t", "a", "b"), incarnation="i", seq=1)).header
     assert not plain.is_session and plain.kind == "message" and plain.session_type is None
 
 
-def test_decode_with_a_verified_header_skips_the_second_mac(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("compact", [True, False])
+def test_an_envelope_checks_the_mac_once_and_decodes_on_demand(
+    compact: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codec = WireCodec(KEY, compact=compact)
+    message = SessionMessage("t", "a", "b", [1])
+    frames = codec.encode(message, incarnation="i", seq=1)
+    envelope = codec.open(frames)
+    for name in ("compute", "compute_pair"):
+        monkeypatch.setattr(type(codec._mac), name, lambda *a: pytest.fail("MAC computed twice"))
+    out = envelope.message()
+    assert out.payload == [1] and out.message_id == message.message_id
+    assert envelope.message().payload == [1]  # decodes again: each call gives its own objects
+    assert envelope.nbytes == sum(memoryview(f).nbytes for f in frames)
+    assert pickle.loads(envelope.payload_frames[0]) == [1]
+    assert "'t'" in repr(envelope)
+
+
+def test_only_open_builds_an_envelope() -> None:
+    with pytest.raises(TypeError, match="WireCodec.open"):
+        Envelope()
+
+
+def test_a_verified_header_cannot_be_edited() -> None:
     codec = Codec(KEY)
-    frames = codec.encode(Message("t", "a", "b", [1]), incarnation="i", seq=1)
-    header = codec.decode_header(frames)
-    monkeypatch.setattr(type(codec._mac), "compute", lambda *a: pytest.fail("MAC computed twice"))
-    assert codec.decode(frames, header=header).payload == [1]
+    header = codec.open(codec.encode(Message("t", "a", "b", [1]), incarnation="i", seq=1)).header
+    with pytest.raises(AttributeError):
+        header.source = "someone else"  # type: ignore[misc]
 
 
-def test_unverified_header_is_parsed_but_not_trusted_for_unpickling() -> None:
+def test_peek_header_reads_an_unauthenticated_header_that_open_refuses() -> None:
     codec = Codec(KEY)
     frames = codec.encode(Message("t", "a", "b", [1]), incarnation="i", seq=1)
     frames[-1] = bytes(32)  # a wrong MAC
-    h = codec.decode_header(frames, verify=False)
-    assert h.tag == "t" and not h.verified
+    assert codec.peek_header(frames).tag == "t"
     with pytest.raises(ForgedFrame):
-        codec.decode(frames, header=h)
+        codec.open(frames)
+    with pytest.raises(ForgedFrame):
+        codec.decode(frames)
+    with pytest.raises(MalformedFrame):
+        codec.peek_header([b"\x93\x01\x02\x03", b"p", bytes(32)])  # a header, but not ours
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_the_header_is_the_documented_msgpack_array(compact: bool) -> None:
+    # The wire layout, field for field: what lets VERSION stay unchanged across codec implementations.
+    codec = WireCodec(KEY, compact=compact)
+    message = SessionMessage("sum", "master", "w1", [1], session_type="two_phase", session_stage="prepare",
+                             event="voted")
+    frames = codec.encode(message, incarnation="inc", seq=2**40, to_incarnation="dest")
+    header = codec.open(frames).header
+    fields = [VERSION, header.flags, 0, "sum", "master", "w1", message.session_id, message.message_id,
+              "two_phase", "prepare", "voted", "inc", 2**40, 1, "dest"]
+    expected = msgpack.packb(fields, use_bin_type=True)
+    first = bytes(frames[0])
+    assert (first[5:5 + len(expected)] if compact else first) == expected
+    assert header.__struct_fields__ == (
+        "version", "flags", "codec", "tag", "source", "destination", "session_id", "message_id", "session_type",
+        "session_stage", "event", "incarnation", "seq", "nframes", "to_incarnation",
+    )
 
 
 # --------------------------------------------------------------------------------------- zero copy
@@ -176,7 +220,7 @@ def test_big_bytes_travel_out_of_band(kind: type, where: str) -> None:
     payload = {"top": blob, "in_dict": {"blob": blob, "x": 1},
                "in_list_in_dict": {"parts": [b"small", blob]}}[where]
     frames = codec.encode(Message("x", "a", "b", payload), incarnation="i", seq=1)
-    assert codec.decode_header(frames).flags & FLAG_OOB_BYTES
+    assert codec.open(frames).header.flags & FLAG_OOB_BYTES
     assert len(frames) == 4 and memoryview(frames[2]).nbytes == len(blob)
     assert max(len(memoryview(f)) for f in (frames[0], frames[1])) < 1024  # not pickled in band
     out = codec.decode([bytes(f) for f in frames]).payload
@@ -276,7 +320,8 @@ def test_nothing_unauthenticated_reaches_pickle(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ForgedFrame):
         codec.decode(frames)
     with pytest.raises(ForgedFrame):
-        codec.decode(frames, header=codec.decode_header(frames, verify=False))
+        codec.open(frames)
+    assert codec.peek_header(frames).tag == "t"  # readable, but there is no way to decode the payload with it
     assert calls == []
 
 
@@ -347,6 +392,12 @@ def _fields(**changes: object) -> list[object]:
         msgpack.packb(_fields(version=VERSION + 1)),
         msgpack.packb(_fields(version="1")),
         msgpack.packb(_fields()[:-1]),  # too short
+        msgpack.packb([*_fields(), ""]),  # too long
+        msgpack.packb(_fields(flags=True)),  # a bool is not an int
+        msgpack.packb(_fields(seq=1.0)),
+        msgpack.packb(_fields(nframes=-1)),
+        msgpack.packb(_fields(session_type=1)),
+        msgpack.packb(_fields(to_incarnation=None)),
         msgpack.packb({"version": 1}),
         msgpack.packb(_fields(seq=-1)),
         msgpack.packb(_fields(seq="1")),
@@ -372,6 +423,17 @@ def test_wrong_version_is_named() -> None:
     frames = _signed_with_header(codec, msgpack.packb(_fields(version=99)), [pickle.dumps(1)])
     with pytest.raises(MalformedFrame, match="version 99"):
         codec.decode(frames)
+    # Even when the rest of the header has another layout: the version is what to report.
+    frames = _signed_with_header(codec, msgpack.packb([99, "another", "layout"]), [pickle.dumps(1)])
+    with pytest.raises(MalformedFrame, match="version 99"):
+        codec.open(frames)
+
+
+def test_the_field_at_fault_is_named() -> None:
+    codec = Codec(KEY)
+    frames = _signed_with_header(codec, msgpack.packb(_fields(seq=-5)), [pickle.dumps(1)])
+    with pytest.raises(MalformedFrame, match="'seq'"):
+        codec.open(frames)
 
 
 def test_authenticated_but_undecodable_payload_is_malformed() -> None:
@@ -486,10 +548,10 @@ def test_replay_guard_memory_is_bounded() -> None:
 def test_replay_guard_with_the_codec() -> None:
     codec, guard = Codec(KEY), ReplayGuard()
     frames = codec.encode(Message("t", "a", "b"), incarnation="inc", seq=1)
-    h = codec.decode_header(frames)
+    h = codec.open(frames).header
     guard.check(h.source, h.incarnation, h.seq)
+    h2 = codec.open(frames).header
     with pytest.raises(ReplayedFrame):  # the same frames again
-        h2 = codec.decode_header(frames)
         guard.check(h2.source, h2.incarnation, h2.seq)
 
 
@@ -503,9 +565,9 @@ def test_small_messages_travel_as_one_frame_and_round_trip(key, codec_name):
     message = SessionMessage(tag="sum", source="master", destination="worker_1", payload=[1, "two", 3.0])
     frames = codec.encode(message, incarnation="inc", seq=5, to_incarnation="dest")
     assert len(frames) == 1 and bytes(frames[0])[0] == 0xC1
-    header = codec.decode_header(frames)
-    assert (header.tag, header.seq, header.to_incarnation, header.verified) == ("sum", 5, "dest", True)
-    out = codec.decode(frames, header)
+    envelope = codec.open(frames)
+    assert (envelope.header.tag, envelope.header.seq, envelope.header.to_incarnation) == ("sum", 5, "dest")
+    out = envelope.message()
     assert out.payload == [1, "two", 3.0] and out.message_id == message.message_id
     assert codec.decode([memoryview(frames[0])]).payload == [1, "two", 3.0]  # any buffer will do
 

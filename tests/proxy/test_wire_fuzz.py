@@ -1,4 +1,5 @@
-"""Fuzz the frame decoder: whatever arrives, only FrameError subclasses come out (or a valid message).
+"""Fuzz the frame decoder (`open`, `decode`, `peek_header`): whatever arrives, only FrameError subclasses come
+out (or a valid message).
 
 Signed codecs are fuzzed with the pickle codec (the MAC must stop everything before pickle); unsigned ones
 only with the msgpack codec, since an unsigned pickle codec would unpickle whatever it is given by design.
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from rallypoint.engine import Message, SessionMessage
 from rallypoint.errors import FrameError
-from rallypoint.proxy._wire import WireCodec
+from rallypoint.proxy._wire import Header, WireCodec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,8 +116,33 @@ def test_non_buffer_frames(frames: list) -> None:
 @FUZZ
 @given(header=st.binary(max_size=200), payload=st.binary(max_size=50))
 def test_random_headers_parse_safely_unverified(header: bytes, payload: bytes) -> None:
-    # decode_header(verify=False) parses untrusted msgpack: it too may only raise FrameError.
+    # peek_header parses untrusted msgpack without a MAC check: it too may only raise FrameError.
     try:
-        SIGNED.decode_header([header, payload, b"m" * 32], verify=False)
+        out = SIGNED.peek_header([header, payload, b"m" * 32])
     except FrameError:
-        pass
+        return
+    assert isinstance(out, Header)
+
+
+@FUZZ
+@given(fields=st.lists(st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(),
+                                 st.text(max_size=8), st.binary(max_size=8)), max_size=17))
+def test_signed_headers_of_any_shape_are_refused_or_valid(fields: list) -> None:
+    # What only a key holder could send: any msgpack array as the header, correctly signed. The typed
+    # decoder must refuse every shape that is not a valid header, with a FrameError.
+    import msgpack
+
+    header = msgpack.packb(fields)
+    body = [header, b"\x80\x04N."]  # pickle.dumps(None)
+    frames = [*body, SIGNED._mac.compute(body, [len(f) for f in body])]
+    _decode_only_frame_errors(SIGNED, frames)
+
+
+@FUZZ
+@given(frames=mutated(SIGNED))
+def test_open_and_peek_raise_only_frame_errors(frames: list) -> None:
+    for call in (SIGNED.open, SIGNED.peek_header):
+        try:
+            call(frames)
+        except FrameError:
+            pass
