@@ -16,7 +16,8 @@ from ._driver import DriverEvent as DriverEvent
 from ._driver import InMemoryDriver as InMemoryDriver
 from ._driver import InMemoryNetwork as InMemoryNetwork
 from ._proxy import Proxy as Proxy
-from ._proxy import ProxyStats as ProxyStats
+from ._proxy import SessionInfo as SessionInfo
+from ._stats import ProxyStats as ProxyStats
 from ._registry import InMemoryRegistry as InMemoryRegistry
 from ._registry import PeerRecord as PeerRecord
 from ._registry import RedisRegistry as RedisRegistry
@@ -59,6 +60,7 @@ __all__ = [
     "Proxy",
     "ProxyStats",
     "RedisRegistry",
+    "SessionInfo",
     "Registry",
     "Timeouts",
     "UNSET",

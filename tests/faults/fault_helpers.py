@@ -119,4 +119,4 @@ def pump_until(master, predicate, timeout: float, what: str):
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        master._pump(0.02)  # handle peer events without taking any message a later receive_by_id wants
+        master.poll(0.02)  # handle peer events without taking any message a later receive_by_id wants

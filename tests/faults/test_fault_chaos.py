@@ -75,7 +75,7 @@ def collect(master, ledger: Ledger, sids: list[str], timeout: float, *, retry_ti
 
 
 def note_held(master, ledger: Ledger) -> None:
-    ledger.held.update(m.session_id for queue in master._held.values() for _, _, m in queue)
+    ledger.held.update(master.held_sessions())
 
 
 def record_error(ledger: Ledger, exc: Exception) -> None:
@@ -93,8 +93,8 @@ def batch_of(master, exc: Exception, before: set[str]) -> list[str]:
     """The sessions a primitive that raised had started: answered, failed, or still awaited."""
     sids = [r.session_id for r in getattr(exc, "replies", [])]
     sids += list(getattr(exc, "session_ids", ()) or ()) + list(getattr(exc, "missing", ()) or ())
-    sids += sorted(set(master._awaiting) - before - set(sids))
-    return [s for s in dict.fromkeys(sids) if master._tracker.find(s) is not None]  # Timeout.missing may name peers
+    sids += sorted(set(master.awaiting_replies()) - before - set(sids))
+    return [s for s in dict.fromkeys(sids) if master.session(s) is not None]  # Timeout.missing may name peers
 
 
 def test_chaos_kills_and_restarts_lose_and_duplicate_nothing(workers):
@@ -154,7 +154,7 @@ def test_chaos_kills_and_restarts_lose_and_duplicate_nothing(workers):
                     plan = [(d, 0.2 if slow else [p, 0]) for d, p in zip(dests, payloads, strict=True)]
                     answers = ["done" if slow else p for p in payloads]
                     answer_of = dict(zip(dests, answers, strict=True))
-                    before = set(master._awaiting)
+                    before = set(master.awaiting_replies())
                     try:
                         if kind == "scatter":
                             replies = master.scatter(tag, SessionType.TASK, plan, timeout=REPLY_TIMEOUT)
@@ -163,13 +163,13 @@ def test_chaos_kills_and_restarts_lose_and_duplicate_nothing(workers):
                             replies, sids = [], master.iscatter(tag, SessionType.TASK, plan)
                     except (PeerGone, DeliveryRefused, Timeout, PeerUnreachable) as exc:
                         sids = batch_of(master, exc, before)
-                        dest_of = {s: master._tracker.find(s).peer for s in sids}
+                        dest_of = {s: master.session(s).peer for s in sids}
                         ledger.sent(sids, [dest_of[s] for s in sids], [answer_of[dest_of[s]] for s in sids])
                         note_held(master, ledger)
                         record_error(ledger, exc)
                         collect(master, ledger, sids, REPLY_TIMEOUT)
                         continue
-                    dest_of = {s: master._tracker.find(s).peer for s in sids}
+                    dest_of = {s: master.session(s).peer for s in sids}
                     ledger.sent(sids, [dest_of[s] for s in sids], [answer_of[dest_of[s]] for s in sids])
                     ledger.replied(replies)
                     note_held(master, ledger)
@@ -181,7 +181,7 @@ def test_chaos_kills_and_restarts_lose_and_duplicate_nothing(workers):
                     live = master.peers.get("worker", [])
                     if not live:
                         continue
-                    before = set(master._awaiting)
+                    before = set(master.awaiting_replies())
                     try:
                         if kind == "broadcast":
                             replies = master.broadcast("worker", tag, SessionType.TASK, payload=payload,
@@ -191,12 +191,12 @@ def test_chaos_kills_and_restarts_lose_and_duplicate_nothing(workers):
                             replies, sids = [], master.ibroadcast("worker", tag, SessionType.TASK, payload=payload)
                     except (PeerGone, DeliveryRefused, Timeout, PeerUnreachable) as exc:
                         sids = batch_of(master, exc, before)
-                        ledger.sent(sids, [master._tracker.find(s).peer for s in sids], [answer] * len(sids))
+                        ledger.sent(sids, [master.session(s).peer for s in sids], [answer] * len(sids))
                         note_held(master, ledger)
                         record_error(ledger, exc)
                         collect(master, ledger, sids, REPLY_TIMEOUT)
                         continue
-                    ledger.sent(sids, [master._tracker.find(s).peer for s in sids], [answer] * len(sids))
+                    ledger.sent(sids, [master.session(s).peer for s in sids], [answer] * len(sids))
                     ledger.replied(replies)
                     note_held(master, ledger)
                     collect(master, ledger, sids, REPLY_TIMEOUT)

@@ -105,8 +105,8 @@ def test_link_cut_is_detected_and_healing_delivers_what_was_held(link, redis_ser
                         liveness=DEFAULT, timeouts=Timeouts(join=20.0, connect=3.0, reply=20.0, close=1.0)
                         ) as master:
             worker.wait_ready()
-            assert master._record.address.startswith(f"tcp://{link.host_ip}:")
-            assert master._members[worker.name].address.startswith(f"tcp://{link.ns_ip}:")
+            assert master.address.startswith(f"tcp://{link.host_ip}:")
+            assert master.member(worker.name).address.startswith(f"tcp://{link.ns_ip}:")
             [reply] = master.send(SessionMessage(tag="sum", source="master", destination=worker.name,
                                                  payload=[1, 2]), timeout=10)
             assert reply.payload == 3

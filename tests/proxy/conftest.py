@@ -24,7 +24,7 @@ def master_and_workers(registry_url):
     master = make_proxy(registry_url, group, "master", "master")
     workers = [make_proxy(registry_url, group, "worker", f"worker_{i}", expected_peers={"master": 1})
                for i in range(3)]
-    master._refresh_members_now()
+    master.refresh_peers()
     yield master, workers
     for worker in workers:
         worker.close()

@@ -7,14 +7,51 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
-from rallypoint.proxy import Liveness, Proxy, Timeouts
+from rallypoint.errors import RegistryError
+from rallypoint.proxy import Liveness, Proxy, RedisRegistry, Timeouts
 
 PEER_SCRIPT = Path(__file__).with_name("peer.py")
 FAST = Liveness(lease=2.0, refresh=0.2, heartbeat=0.2, heartbeat_timeout=1.0)
+
+
+class WatchedRegistry(RedisRegistry):
+    """A RedisRegistry that counts the reads a proxy makes and can play dead (`down = True`), for tests that
+    check how often a proxy asks the registry and what it does while the registry is unreachable."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.member_reads = 0  # by every thread
+        self.prompted_reads = 0  # by the thread that made this registry (a proxy's owner, not its lease keeper)
+        self._owner = threading.get_ident()
+        self.key_reads = 0
+        self.down = False
+        self.failed_calls = 0  # calls refused while down
+
+    def _check_up(self) -> None:
+        if self.down:
+            self.failed_calls += 1
+            raise RegistryError("registry down (WatchedRegistry)")
+
+    def members(self, group: str):  # type: ignore[no-untyped-def]
+        self.member_reads += 1
+        if threading.get_ident() == self._owner:
+            self.prompted_reads += 1
+        self._check_up()
+        return super().members(group)
+
+    def group_key(self, group: str, *, create: bool = True) -> bytes:
+        self.key_reads += 1
+        self._check_up()
+        return super().group_key(group, create=create)
+
+    def refresh(self, group, record, ttl):  # type: ignore[no-untyped-def]
+        self._check_up()
+        return super().refresh(group, record, ttl)
 
 
 def new_group() -> str:

@@ -61,13 +61,13 @@ def test_notification_stages_and_send_returns_without_reply(pair):
 
 def test_sent_notifications_do_not_grow_the_live_session_index(pair):
     master, worker, _ = pair
-    live_before = master._tracker.live
+    live_before = master.live_sessions
     ids = [master.isend(SessionMessage(tag="tick", source="master", destination="worker_001", payload=i,
                                        session_type=SessionType.NOTIFICATION))[0] for i in range(200)]
-    assert master._tracker.live == live_before  # nothing comes back for them: they are settled, not live
+    assert master.live_sessions == live_before  # nothing comes back for them: they are settled, not live
     assert master.session_stage(ids[-1]) == "request"  # still readable
     assert [worker.receive_once(timeout=5).payload for _ in range(200)] == list(range(200))
-    assert worker._tracker.live == 0  # the receiving side ends them in "receive"
+    assert worker.live_sessions == 0  # the receiving side ends them in "receive"
 
 
 def test_receive_by_id_keeps_other_sessions_for_receive(pair):
@@ -206,10 +206,10 @@ def test_closing_unregisters_so_peers_drop_it(registry_url):
     group = new_group()
     with make_proxy(registry_url, group, "master", "master") as master:
         worker = make_proxy(registry_url, group, "worker", "worker_x", expected_peers={"master": 1})
-        master._refresh_members_now()
+        master.refresh_peers()
         assert master.peers == {"worker": ["worker_x"]}
         worker.close()
-        master._refresh_members_now()
+        master.refresh_peers()
         assert master.peers == {}
 
 
@@ -219,14 +219,14 @@ def test_a_peer_gone_longer_than_the_hold_age_is_forgotten(registry_url):
     group = new_group()
     with make_proxy(registry_url, group, "master", "master", hold=HoldPolicy(max_age=0.3)) as master:
         worker = make_proxy(registry_url, group, "worker", "worker_x", expected_peers={"master": 1})
-        master._refresh_members_now()
+        master.refresh_peers()
         worker.close()
-        master._refresh_members_now()
-        assert "worker_x" in master._gone  # just left: a send now would be held for it
+        master.refresh_peers()
+        assert master.peer_state("worker_x") == "gone"  # just left: a send now would be held for it
         time.sleep(0.4)
         late = make_proxy(registry_url, group, "worker", "worker_y", expected_peers={"master": 1})
-        master._refresh_members_now()  # a membership change: names gone for longer than max_age go
-        assert "worker_x" not in master._gone and master.peers == {"worker": ["worker_y"]}
+        master.refresh_peers()  # a membership change: names gone for longer than max_age go
+        assert master.peer_state("worker_x") is None and master.peers == {"worker": ["worker_y"]}
         with pytest.raises(PeerUnreachable):
             master.isend(Message(tag="t", source="master", destination="worker_x"))
         late.close()
@@ -274,8 +274,10 @@ def test_custom_session_type_from_a_spec_file(pair, tmp_path):
     )
     from rallypoint.engine import load_spec
 
-    load_spec(str(spec))
     master, worker, _ = pair
+    loaded = load_spec(str(spec))  # each proxy knows the session types of its own catalog
+    master.catalog.add_spec(loaded)
+    worker.catalog.add_spec(loaded)
     [sid] = master.isend(SessionMessage(tag="tx", source="master", destination="worker_001",
                                         session_type="vote_commit", payload={"k": 1}))
     assert master.session_stage(sid) == "prepare"
@@ -322,7 +324,7 @@ def test_zero_timeouts_still_look_at_the_socket_once(pair):
 
 
 def test_a_registry_object_handed_in_is_shared_not_closed():
-    from rallypoint.proxy import InMemoryDriver, InMemoryNetwork, InMemoryRegistry
+    from rallypoint.proxy import InMemoryNetwork, InMemoryRegistry
 
     registry, network = InMemoryRegistry(), InMemoryNetwork()
     group = new_group()
@@ -330,28 +332,36 @@ def test_a_registry_object_handed_in_is_shared_not_closed():
                    driver=network.driver())
     worker = Proxy(group_name=group, component_type="worker", name="w1", registry=registry,
                    driver=network.driver(), expected_peers={"master": 1})
-    assert isinstance(worker._driver, InMemoryDriver)
     master.close()
     assert registry.members(group).keys() == {"w1"}  # still usable after the first close
     worker.close()
     assert registry.members(group) == {}
 
 
-def test_the_membership_thread_survives_an_unexpected_error(pair, monkeypatch, caplog):
-    master, worker, _ = pair
-    calls = []
-    real_members = master._registry.members
+def test_the_membership_thread_survives_an_unexpected_error(caplog):
+    from rallypoint.proxy import InMemoryNetwork, InMemoryRegistry
 
-    def flaky(group):
-        calls.append(group)
-        if len(calls) == 1:
-            raise RuntimeError("surprise")
-        return real_members(group)
+    class FlakyRegistry(InMemoryRegistry):
+        """Fails its first member-list read after the join with an error nobody expects."""
 
-    monkeypatch.setattr(master._registry, "members", flaky)
-    with caplog.at_level("ERROR"):
+        armed = False
+
+        def members(self, group):
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("surprise")
+            return super().members(group)
+
+    registry, network, group = FlakyRegistry(), InMemoryNetwork(), new_group()
+    with caplog.at_level("ERROR"), \
+            make_proxy(registry, group, "master", "master", driver=network.driver()) as master:
+        registry.armed = True
         deadline = time.monotonic() + 5
-        while len(calls) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    assert len(calls) >= 3 and master._membership.is_alive()
-    assert "membership refresh failed unexpectedly" in caplog.text
+        while "membership refresh failed unexpectedly" not in caplog.text:
+            assert time.monotonic() < deadline, "the lease keeper never hit the error"
+            master.poll(0.05)
+        # Still at work after the error: a member that joins now is noticed without any call prompting it.
+        with make_proxy(registry, group, "worker", "w1", driver=network.driver(), expected_peers={"master": 1}):
+            while master.peers != {"worker": ["w1"]}:
+                assert time.monotonic() < deadline, "the lease keeper stopped noticing members"
+                master.poll(0.05)

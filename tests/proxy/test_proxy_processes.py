@@ -183,7 +183,7 @@ def test_garbage_on_a_listening_socket_is_dropped_and_the_peer_keeps_serving(wor
     [peer] = workers(1)
     with _master(workers, 1) as master:
         peer.wait_ready()
-        address = master._members["worker_000"].address
+        address = master.member("worker_000").address
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0

@@ -1,0 +1,102 @@
+"""Admission: the one place that decides whether a received frame is taken.
+
+In order, each check once: the frame structure, size and MAC (`WireCodec.open`, which returns one envelope
+of verified header and payload frames), the destination (us, this process), the sender (a member the
+registry lists under that incarnation), replay (the sender's sequence), and duplicates (a message id already
+delivered here). What fails is dropped, counted by reason in `ProxyStats` and logged at a bounded rate;
+nothing raises out of `admit`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from rallypoint.errors import ForgedFrame, FrameError, ReplayedFrame
+
+from ._membership import Membership
+from ._stats import DropLog, ProxyStats
+from ._wire import Envelope, Header, ReplayGuard, WireCodec
+
+logger = logging.getLogger(__name__)
+
+
+class Admission:
+    """Checks received frames; `admit(frames)` returns the envelope to deliver, or None when it dropped them."""
+
+    def __init__(self, *, name: str, incarnation: str, codec: WireCodec, membership: Membership,
+                 dedup_window: int, stats: ProxyStats) -> None:
+        self._name = name
+        self._incarnation = incarnation
+        self._codec = codec
+        self._membership = membership
+        self._dedup_window = dedup_window
+        self._stats = stats
+        self._replay = ReplayGuard()
+        # Ids of recently delivered messages: a set for the lookup, a deque for the order they leave in.
+        self._seen_ids: set[str] = set()
+        self._seen_order: deque[str] = deque()
+        self._drops = DropLog(logger, name)
+
+    def admit(self, frames: Sequence[Any]) -> Envelope | None:
+        """The verified envelope of `frames` if they are taken; None (counted, logged) if not."""
+        try:
+            envelope = self._open(frames)
+            header = envelope.header
+            self._check_sender(header)
+            self._replay.check(header.source, header.incarnation, header.seq)
+        except FrameError as exc:
+            self.drop(exc, "")
+            return None
+        message_id = header.message_id
+        seen = self._seen_ids
+        if message_id in seen:  # exactly once: a copy of a message already delivered here goes
+            self._stats.duplicates += 1
+            self._drops.drop("duplicate", header.source,
+                             f"a second copy of message {message_id} from {header.source!r}")
+            return None
+        if self._dedup_window:
+            seen.add(message_id)
+            order = self._seen_order
+            order.append(message_id)
+            if len(order) > self._dedup_window:
+                seen.discard(order.popleft())
+        return envelope
+
+    def drop(self, exc: FrameError, peer: str) -> None:
+        """Count and (rate-limited) log a frame dropped for `exc`."""
+        reason = type(exc).__name__
+        stats = self._stats
+        stats.dropped_frames += 1
+        stats.dropped_by_reason[reason] = stats.dropped_by_reason.get(reason, 0) + 1
+        self._drops.drop(reason, peer, f"a frame ({reason}): {exc}")
+
+    def _open(self, frames: Sequence[Any]) -> Envelope:
+        try:
+            return self._codec.open(frames)
+        except ForgedFrame:
+            # Signed with a key the registry holds now, and we did not? (At most one registry read a second.)
+            if not self._membership.key_replaced():
+                raise
+            return self._codec.open(frames)
+
+    def _check_sender(self, header: Header) -> None:
+        if header.destination != self._name:
+            raise ForgedFrame(f"frame for {header.destination!r} arrived at {self._name!r}")
+        if header.to_incarnation and header.to_incarnation != self._incarnation:
+            # Queued for an earlier process under our name (restarted on the same port): not ours to take.
+            raise ReplayedFrame(f"frame {header.message_id} from {header.source!r} was meant for an earlier "
+                                f"{self._name!r} (incarnation {header.to_incarnation[:8]})")
+        membership = self._membership
+        record = membership.record(header.source)
+        if record is None or record.incarnation != header.incarnation:
+            if membership.worth_reading((header.source, header.incarnation)):
+                membership.refresh_now()  # a peer that joined since our last look: one round trip
+                record = membership.record(header.source)
+            if record is None or record.incarnation != header.incarnation:
+                raise ForgedFrame(
+                    f"frame from {header.source!r} with incarnation {header.incarnation[:8]} "
+                    "that the registry does not list"
+                )

@@ -1,0 +1,437 @@
+"""Membership: our lease in the registry, the view of the other members, and the group key.
+
+Two sides, one hand-over:
+- the lease keeper (`_LeaseKeeper`, a daemon thread) renews our entry every `Liveness.refresh` and re-reads
+  the member list; it puts what it learns on a `queue.SimpleQueue` and wakes the driver. It touches no
+  socket and shares no mutable state with the owner thread.
+- the owner thread (the one that uses the proxy) drains that queue in `absorb()` and keeps the member view:
+  who is listed, at which address and incarnation, whose channel is up, who is gone since when. It opens
+  and closes driver channels to match, and tells the proxy (`MembershipListener`) when a peer is gone or
+  back, so that sessions and held messages follow.
+
+The group key lives here too: the registry is where members get it from, so when the registry holds another
+key than ours (it lost its data and a newcomer created one) everyone moves to the one it holds, and frames
+signed with the old key stay accepted for `KEY_GRACE` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from rallypoint.errors import JoinTimeout, PeerUnreachable, RegistryError
+
+from ._config import Liveness, time_left
+from ._driver import Driver
+from ._registry import PeerRecord, Registry
+from ._stats import ProxyStats
+from ._wire import WireCodec
+
+logger = logging.getLogger(__name__)
+
+KEY_GRACE = 60.0
+"""Seconds frames signed with a replaced group key stay accepted: long enough for every member to re-register
+and switch once the registry is back, while one cut off for longer is refused until it reads the new key."""
+
+PROMPTED_READ_INTERVAL = 1.0
+"""At most one registry read a second for each thing a received frame can prompt one for (see `worth_reading`)."""
+
+
+class MembershipListener(Protocol):
+    """What the owner of a `Membership` hears about peers (called on the owner thread)."""
+
+    def peer_gone(self, peer: str, why: str) -> None: ...
+    def peer_back(self, peer: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Members:
+    """The lease keeper read a member list that differs from the last one it read."""
+
+    records: dict[str, PeerRecord]
+
+
+@dataclass(frozen=True)
+class _NewKey:
+    """The lease keeper found the registry holding another group key than ours."""
+
+    key: bytes
+
+
+class Membership:
+    """Who is in the group, as this member sees it. Owner-thread methods unless a docstring says otherwise."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        group: str,
+        registry: Registry,
+        driver: Driver,
+        codec: WireCodec,
+        key: bytes,
+        liveness: Liveness,
+        stats: ProxyStats,
+        wanted: Callable[[PeerRecord], bool],
+        listener: MembershipListener,
+    ) -> None:
+        self.name = name
+        self.group = group
+        self.registry = registry
+        self.key = key
+        self._driver = driver
+        self._codec = codec
+        self._liveness = liveness
+        self._wanted = wanted  # whether a newly listed peer gets a channel at once (else at first send)
+        self._listener = listener
+        self._stats = stats
+        self._forget_after: float | None = None
+        self._keep_gone: Callable[[str], bool] = lambda peer: True
+        self._members: dict[str, PeerRecord] = {}
+        self._gone: dict[str, float] = {}  # peers declared gone, by when (monotonic)
+        self._connected: set[str] = set()
+        # Peers whose channel we saw come up and not go down since: a send that finds one of them not up knows
+        # the channel broke (its "down" is still queued in the driver) rather than never opened.
+        self._up_seen: set[str] = set()
+        self._prompted_reads: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._news: queue.SimpleQueue[_Members | _NewKey] = queue.SimpleQueue()
+        self._keeper: _LeaseKeeper | None = None
+
+    # ------------------------------------------------------------------------ lease
+
+    def register(self, record: PeerRecord) -> None:
+        """Enter the group and start renewing the lease at once (also while we wait for others to join)."""
+        self.registry.register(self.group, record, self._liveness.lease)
+        self._keeper = _LeaseKeeper(self, record)
+        self._keeper.start()
+
+    @property
+    def registry_down(self) -> bool:
+        """True while the lease keeper's last registry call failed."""
+        return self._keeper is not None and self._keeper.registry_down
+
+    def leave(self, timeout: float) -> None:
+        """Stop renewing and remove our entry (skipped when the registry is down or hangs: the lease expires
+        by itself, and waiting on it would make close() as slow as the registry's timeouts)."""
+        keeper = self._keeper
+        if keeper is None:
+            return
+        keeper.stop(timeout)
+        if keeper.is_alive() or keeper.registry_down:
+            logger.warning("%s: registry unavailable; not unregistering (the lease will expire)", self.name)
+            return
+        try:
+            self.registry.unregister(self.group, self.name)
+        except RegistryError as exc:
+            logger.warning("%s: could not unregister (the lease will expire): %s", self.name, exc)
+
+    # ------------------------------------------------------------------------ joining
+
+    def wait_for(self, expected: Mapping[str, int], deadline: float | None, join_timeout: float | None) -> None:
+        """Wait until `expected` ({type: count}) have registered and completed their channel handshake, or
+        raise JoinTimeout naming who is missing."""
+        delay = 0.005
+        while True:
+            self.apply(self.registry.members(self.group))
+            missing = self._missing(expected)
+            left = time_left(deadline)
+            if not missing:
+                # Registered is not reachable: wait for the handshakes too, so a first broadcast counts every
+                # expected peer. Re-read the list every `refresh`: a peer killed without close() stays
+                # listed until its lease lapses, and must not make the join fail.
+                targets = [n for n, r in self._members.items() if r.component_type in expected]
+                wait = self._liveness.refresh if left is None else min(left, self._liveness.refresh)
+                not_up = self._driver.wait_up(targets, wait)
+                if not not_up:
+                    self._up_seen.update(targets)
+                    return
+                if time_left(deadline) == 0:
+                    by_type: dict[str, int] = {}
+                    for peer in not_up:
+                        kind = self._members[peer].component_type
+                        by_type[kind] = by_type.get(kind, 0) + 1
+                    raise JoinTimeout(
+                        f"{self.name}: registered but not reachable within the join timeout: {sorted(not_up)}",
+                        by_type,
+                    )
+                continue
+            if left is not None and left <= 0:
+                parts = ", ".join(f"{n} more {t!r}" for t, n in sorted(missing.items()))
+                raise JoinTimeout(f"{self.name} in group {self.group!r}: expected peers not registered within "
+                                  f"{join_timeout}s: missing {parts}", missing)
+            time.sleep(delay if left is None else min(delay, left))
+            # Capped low: the last peer to register is noticed within 25 ms (a read costs Redis ~0.1 ms).
+            delay = min(delay * 2, 0.025)
+
+    def _missing(self, expected: Mapping[str, int]) -> dict[str, int]:
+        have: dict[str, int] = {}
+        for record in self._members.values():
+            have[record.component_type] = have.get(record.component_type, 0) + 1
+        return {t: n - have.get(t, 0) for t, n in expected.items() if have.get(t, 0) < n}
+
+    # ------------------------------------------------------------------------ the view
+
+    def absorb(self) -> None:
+        """Apply what the lease keeper found since the last call: the newest key first (a new member may know
+        only the new key), then the newest member list. Everything queued is drained, so nothing is lost and
+        the last list read always wins."""
+        latest: dict[str, PeerRecord] | None = None
+        key: bytes | None = None
+        news = self._news
+        while True:
+            try:
+                item = news.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _NewKey):
+                key = item.key
+            else:
+                latest = item.records
+        if key is not None:
+            self.adopt_key(key)
+        if latest is not None:
+            self.apply(latest)
+
+    def apply(self, members: dict[str, PeerRecord]) -> None:
+        """Bring our view and channels in line with the registry's member list."""
+        members = {n: r for n, r in members.items() if n != self.name}
+        old = self._members
+        for peer in old.keys() - members.keys():
+            if peer in self._up_seen and peer not in self._gone and self._driver.is_up(peer):
+                # Unlisted, but our channel to it is alive: its lease lapsed (the registry restarted, or the
+                # peer cannot reach it), the peer did not die. Keep it; heartbeats say if it does.
+                members[peer] = old[peer]
+        self._members = members
+        for peer, record in members.items():
+            previous = old.get(peer)
+            if previous is not None and previous.incarnation != record.incarnation:
+                # Restarted under the same name: what was pending with the old process failed, and the channel is
+                # rebuilt even at the same address, so nothing queued for the old process reaches the new one.
+                self._declare_gone(peer, "restarted as a new process")
+                if peer in self._connected:
+                    self._reconnect(peer, record.address)
+            elif peer in self._connected:
+                if previous is None or previous.address != record.address:
+                    self._up_seen.discard(peer)
+                    self._driver.connect(peer, record.address)
+            elif peer in self._gone or self._wanted(record):
+                # A gone peer listed again gets a channel: its handshake ("up") is what brings it back.
+                self.connect(peer)
+        for peer in old.keys() - members.keys():
+            self._declare_gone(peer, "left the registry (lease expired or unregistered)")
+            if peer in self._connected:
+                self._up_seen.discard(peer)
+                self._driver.disconnect(peer)
+                self._connected.discard(peer)
+        self._forget_long_gone()
+
+    def _reconnect(self, peer: str, address: str) -> None:
+        self._up_seen.discard(peer)
+        self._driver.disconnect(peer)
+        self._driver.connect(peer, address)
+
+    def connect(self, peer: str) -> None:
+        """Open the channel to listed member `peer`; PeerUnreachable if the registry does not list it."""
+        record = self._members.get(peer)
+        if record is None:
+            raise PeerUnreachable(peer, f"{peer!r} is not a registered member of group {self.group!r}")
+        self._driver.connect(peer, record.address)
+        self._connected.add(peer)
+
+    def ensure_channel(self, peer: str) -> PeerRecord:
+        """The record of `peer`, with a channel open to it (looked up in the registry if we do not list it)."""
+        if peer not in self._connected:
+            if peer not in self._members:
+                self.refresh_now()
+            self.connect(peer)
+        return self._members[peer]
+
+    def refresh_now(self) -> None:
+        """Read the registry on this thread (one round trip), e.g. for a peer that joined since the last look."""
+        try:
+            members = self.registry.members(self.group)
+        except RegistryError as exc:
+            logger.warning("%s: registry unreachable while looking up a peer: %s", self.name, exc)
+            return
+        try:
+            # A member we learn of here may hold a key created after the registry lost ours: switch first,
+            # so that what we send it is signed with the key it knows.
+            self.adopt_key(self.registry.group_key(self.group, create=False))
+        except RegistryError as exc:  # no key there (not restored yet) or unreachable: keep ours
+            logger.debug("%s: could not re-read the group key: %s", self.name, exc)
+        self.apply(members)
+
+    def worth_reading(self, prompt: tuple[str, str]) -> bool:
+        """Whether a registry read that a received frame prompts is worth doing now.
+
+        `prompt` says what the frame needs: a (source, incarnation) pair the member list lacks, or ("", "group
+        key") after a MAC mismatch. Not while the registry is down, and once a second per prompt: otherwise a
+        stream of such frames would stall the receive loop for up to the registry timeout per frame.
+        """
+        if self.registry_down:
+            return False
+        now = time.monotonic()
+        last = self._prompted_reads.get(prompt)
+        if last is not None and now - last < PROMPTED_READ_INTERVAL:
+            return False
+        self._prompted_reads[prompt] = now
+        self._prompted_reads.move_to_end(prompt)
+        while len(self._prompted_reads) > 256:
+            self._prompted_reads.popitem(last=False)
+        return True
+
+    # ------------------------------------------------------------------------ liveness
+
+    def channel_down(self, peer: str) -> None:
+        """Our channel to `peer` broke (driver "down")."""
+        self._up_seen.discard(peer)
+        if peer in self._members and peer not in self._gone:
+            self._declare_gone(peer, "connection lost")
+
+    def channel_up(self, peer: str) -> None:
+        """Our channel to `peer` completed a handshake (driver "up"): it is live."""
+        self._up_seen.add(peer)
+        if peer in self._gone:
+            del self._gone[peer]
+            logger.info("%s: peer %r is back", self.name, peer)
+        self._listener.peer_back(peer)
+
+    def broke_unnoticed(self, peer: str) -> bool:
+        """Whether the channel to `peer` was up and has broken, its "down" not yet handled."""
+        return peer in self._up_seen and not self._driver.is_up(peer)
+
+    def _declare_gone(self, peer: str, why: str) -> None:
+        if peer in self._gone:
+            return
+        self._gone[peer] = time.monotonic()
+        self._listener.peer_gone(peer, why)
+
+    def forget_after(self, seconds: float, keep: Callable[[str], bool]) -> None:
+        """Forget peers gone more than `seconds` ago that are unlisted and not kept by `keep` (something is
+        held for them): a job whose workers come and go under new names must not grow the view without bound.
+        Sending to a forgotten peer fails with PeerUnreachable, as for any name the registry does not list."""
+        self._forget_after = seconds
+        self._keep_gone = keep
+
+    def _forget_long_gone(self) -> None:
+        if not self._gone or self._forget_after is None:
+            return
+        cutoff = time.monotonic() - self._forget_after
+        for peer in [p for p, since in self._gone.items() if since < cutoff and p not in self._members]:
+            if not self._keep_gone(peer):
+                del self._gone[peer]
+
+    # ------------------------------------------------------------------------ reading the view
+
+    def record(self, peer: str) -> PeerRecord | None:
+        return self._members.get(peer)
+
+    def is_gone(self, peer: str) -> bool:
+        return peer in self._gone
+
+    def live(self, component_type: str) -> list[str]:
+        """Live members of `component_type`, sorted."""
+        return sorted(p for p, r in self._members.items() if r.component_type == component_type
+                      and p not in self._gone)
+
+    def view(self) -> dict[str, list[str]]:
+        """Live members by type: `{type: [names]}`."""
+        view: dict[str, list[str]] = {}
+        for peer, record in self._members.items():
+            if peer not in self._gone:
+                view.setdefault(record.component_type, []).append(peer)
+        for names in view.values():
+            names.sort()
+        return view
+
+    def records(self) -> dict[str, PeerRecord]:
+        return dict(self._members)
+
+    # ------------------------------------------------------------------------ the group key
+
+    def adopt_key(self, key: bytes) -> bool:
+        """Sign with `key`, the key the registry holds, if it is not ours; say whether it was new."""
+        if key == self.key:
+            return False
+        self._codec.rekey(key, grace=KEY_GRACE)
+        self.key = key
+        self._stats.rekeyed += 1
+        logger.warning("%s: now signing with the group key the registry holds for %r (it had lost the one this "
+                       "proxy started with); frames signed with the old key are accepted for %.0fs more",
+                       self.name, self.group, KEY_GRACE)
+        return True
+
+    def key_replaced(self) -> bool:
+        """After a frame failed its MAC: whether the registry now holds another group key (then adopted)."""
+        if not self.worth_reading(("", "group key")):
+            return False
+        try:
+            return self.adopt_key(self.registry.group_key(self.group, create=False))
+        except RegistryError as exc:
+            logger.debug("%s: could not re-read the group key: %s", self.name, exc)
+            return False
+
+
+class _LeaseKeeper(threading.Thread):
+    """Renews our lease and notices membership changes, off the message path; hands news over by queue."""
+
+    def __init__(self, membership: Membership, record: PeerRecord) -> None:
+        super().__init__(name=f"rallypoint-lease-{membership.name}", daemon=True)
+        self._membership = membership
+        self._record = record
+        self._stop_event = threading.Event()
+        self.registry_down = False
+
+    def stop(self, timeout: float) -> None:
+        self._stop_event.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(timeout)
+
+    def run(self) -> None:
+        # This thread keeps our lease alive: if it died, every peer would drop us. An unexpected error is logged
+        # and the loop goes on (after a pause, so a persistent fault cannot spin).
+        refresh = self._membership._liveness.refresh
+        while not self._stop_event.is_set():
+            try:
+                self._loop(refresh)
+            except Exception:
+                if self._stop_event.is_set():
+                    return  # close() released the registry under a call that outlived the join timeout
+                logger.exception("%s: membership refresh failed unexpectedly; retrying", self._membership.name)
+                self._stop_event.wait(refresh)
+
+    def _loop(self, refresh: float) -> None:
+        m = self._membership
+        lease = m._liveness.lease
+        last: dict[str, PeerRecord] | None = None
+        while not self._stop_event.wait(refresh):
+            try:
+                if not m.registry.refresh(m.group, self._record, lease):
+                    # Our entry had vanished (the registry restarted or our lease lapsed): we are back in, and
+                    # the group key goes back too, so members joining now share the running one.
+                    held = m.registry.ensure_group_key(m.group, m.key)
+                    logger.warning("%s: re-registered in group %r", m.name, m.group)
+                    if held != m.key:
+                        logger.warning("%s: the registry holds a new key for group %r (a member joined while "
+                                       "it was empty); switching to it", m.name, m.group)
+                        m._news.put(_NewKey(held))
+                        m._driver.wakeup()
+                members = m.registry.members(m.group)
+            except RegistryError as exc:
+                if not self.registry_down:
+                    logger.warning("%s: registry unreachable, keeping the last member list: %s", m.name, exc)
+                self.registry_down = True
+                continue
+            if self.registry_down:
+                logger.warning("%s: registry reachable again", m.name)
+                self.registry_down = False
+            if members != last:
+                last = members
+                m._news.put(_Members(members))
+                m._driver.wakeup()

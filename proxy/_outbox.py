@@ -1,0 +1,172 @@
+"""The outbox: what leaves this proxy. Sequence numbers, encoding, the hand-off to the driver, and the messages
+held for peers that are gone, delivered in order once they are back.
+
+A message is handed to the driver at once when its peer's channel is up (or comes up within
+`Timeouts.connect`), or held when the peer is gone; nothing waits in a Python buffer after the call that sent
+it returns, except what is held for a gone peer (bounded by `HoldPolicy`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from rallypoint.engine import Message
+from rallypoint.errors import DeliveryRefused, PeerUnreachable, Timeout
+
+from ._config import HoldPolicy, Timeouts
+from ._driver import Driver
+from ._membership import Membership
+from ._stats import ProxyStats
+from ._wire import WireCodec
+
+logger = logging.getLogger(__name__)
+
+_Held = tuple[float, Message]  # (when it was held, monotonic; the message)
+
+
+class OutboxListener(Protocol):
+    """What the owner of an `Outbox` hears (on the owner thread)."""
+
+    def held_expired(self, message: Message, peer: str) -> None: ...
+    def held_delivered(self, message: Message) -> None: ...
+
+
+class Outbox:
+    """Sends messages to peers, or holds them for peers that are gone."""
+
+    def __init__(self, *, name: str, incarnation: str, codec: WireCodec, driver: Driver, membership: Membership,
+                 hold: HoldPolicy, timeouts: Timeouts, stats: ProxyStats, listener: OutboxListener) -> None:
+        self._name = name
+        self._incarnation = incarnation
+        self._codec = codec
+        self._driver = driver
+        self._membership = membership
+        self._hold_policy = hold
+        self._connect_timeout = timeouts.connect
+        self._stats = stats
+        self._listener = listener
+        self._seq = 0
+        self._held: dict[str, deque[_Held]] = {}
+
+    def send(self, message: Message, encoded_payload: tuple[list[Any], int] | None = None) -> bool:
+        """Send `message` now (True) or hold it for its gone peer (False). `encoded_payload`: the payload already
+        encoded once for many messages (a broadcast). Raises DeliveryRefused when the hold is full,
+        PeerUnreachable for a peer the registry does not list or that never completes its handshake."""
+        peer = message.destination
+        membership = self._membership
+        if membership.is_gone(peer) or peer in self._held:  # behind what is held already, to keep the order
+            self._hold(peer, message)
+            if not membership.is_gone(peer):
+                self.flush(peer)  # an earlier flush stalled (full queue): try again
+            return False
+        if not self._send_now(peer, message, encoded_payload):
+            self._hold(peer, message)
+            return False
+        return True
+
+    def _send_now(self, peer: str, message: Message, encoded_payload: tuple[list[Any], int] | None = None) -> bool:
+        """Send to a peer not known to be gone; False (sending nothing) if its channel turned out broken."""
+        record = self._membership.ensure_channel(peer)
+        self._seq += 1
+        frames = self._codec.encode(message, incarnation=self._incarnation, seq=self._seq,
+                                    to_incarnation=record.incarnation, encoded_payload=encoded_payload)
+        try:
+            self._driver.send(peer, frames, timeout=0)  # a channel that is up with room takes it at once
+        except (PeerUnreachable, Timeout):
+            if self._membership.broke_unnoticed(peer):
+                # It was up and broke, and its "down" still waits in the driver: act on it now instead of
+                # waiting `timeouts.connect` for a channel that may not come back.
+                self._membership.channel_down(peer)
+                return False
+            # A new channel still in its handshake, or a full queue: wait for it, boundedly.
+            self._driver.send(peer, frames, timeout=self._connect_timeout)
+        self._stats.sent += 1
+        return True
+
+    # ------------------------------------------------------------------------ holding
+
+    def _hold(self, peer: str, message: Message) -> None:
+        queue = self._held.get(peer)
+        if queue is not None:
+            self._expire(peer, queue)
+            queue = self._held.get(peer)  # gone if everything in it expired
+        held = len(queue or ())
+        if held >= self._hold_policy.max_messages:
+            self._stats.refused += 1
+            logger.warning("%s: refusing message %s for gone peer %r: %d already held (HoldPolicy.max_messages)",
+                           self._name, message.message_id, peer, held)
+            raise DeliveryRefused(peer, f"message {message.message_id} for gone peer {peer!r} refused: "
+                                        f"{held} messages held for it already")
+        if queue is None:
+            queue = self._held[peer] = deque()
+        queue.append((time.monotonic(), message))
+        self._stats.held += 1
+        logger.info("%s: peer %r is gone; holding message %s (%d held)", self._name, peer, message.message_id,
+                    len(queue))
+
+    def _expire(self, peer: str, queue: deque[_Held]) -> None:
+        cutoff = time.monotonic() - self._hold_policy.max_age
+        while queue and queue[0][0] < cutoff:
+            _, message = queue.popleft()
+            self._stats.held_expired += 1
+            logger.warning("%s: held message %s for %r dropped: older than HoldPolicy.max_age=%ss", self._name,
+                           message.message_id, peer, self._hold_policy.max_age)
+            self._listener.held_expired(message, peer)
+        if not queue and self._held.get(peer) is queue:
+            del self._held[peer]
+
+    def expire(self) -> float | None:
+        """Drop held messages past their age; returns seconds until the next one would expire (None: none)."""
+        for peer, queue in list(self._held.items()):
+            self._expire(peer, queue)
+        if not self._held:
+            return None
+        oldest = min(queue[0][0] for queue in self._held.values())
+        return max(0.0, oldest + self._hold_policy.max_age - time.monotonic())
+
+    def flush(self, peer: str) -> None:
+        """Send what was held for `peer`, oldest first, each once; stop (keeping the rest) if that fails."""
+        queue = self._held.get(peer)
+        if queue is None:
+            return
+        self._expire(peer, queue)
+        delivered = 0
+        while queue:
+            message = queue[0][1]
+            try:
+                sent = self._send_now(peer, message)
+            except (PeerUnreachable, Timeout) as exc:
+                logger.warning("%s: %r came back but delivery stalled (%s); %d still held", self._name, peer, exc,
+                               len(queue))
+                return
+            if not sent:
+                logger.warning("%s: %r went down again while its held messages were sent; %d still held",
+                               self._name, peer, len(queue))
+                return
+            queue.popleft()  # only once the driver took it: a message is never sent twice
+            delivered += 1
+            self._listener.held_delivered(message)
+        self._held.pop(peer, None)
+        logger.info("%s: delivered %d held messages to %r", self._name, delivered, peer)
+
+    def held_sessions(self, peer: str) -> set[str]:
+        """Session ids of the messages held for `peer`."""
+        return {message.session_id for _, message in self._held.get(peer, ())}
+
+    def held_messages(self) -> Iterator[Message]:
+        """Every held message, by peer then age."""
+        for queue in self._held.values():
+            for _, message in queue:
+                yield message
+
+    def held_count(self, peer: str | None = None) -> int:
+        if peer is not None:
+            return len(self._held.get(peer, ()))
+        return sum(len(queue) for queue in self._held.values())
+
+    def holds_for(self, peer: str) -> bool:
+        return peer in self._held
