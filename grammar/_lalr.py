@@ -4,7 +4,8 @@ translation of every Lark failure into our syntax errors.
 Imported on the first parse (by `_parse`), not with rallypoint: importing Lark costs ~50 ms, which every
 process of a job would otherwise pay whether or not it ever parses a rule.
 
-Both grammars are `.lark` files next to this module, loaded on first use as LALR parsers. Every failure
+Both grammars are `.lark` files next to this module, loaded on first use as LALR parsers whose tables are
+cached per user (`_open`), so only a machine's first parse pays for building them. Every failure
 leaves as `RuleSyntaxError` (rules) or `SpecSyntaxError` (specs) carrying line, column, the offending
 line with a caret under the column, the unexpected text and the expected things in words; no Lark
 exception escapes.
@@ -12,12 +13,17 @@ exception escapes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-import io
-import pickle
+import logging
+import os
+import stat
+import sys
+import time
 from collections.abc import Iterator
 from importlib import resources
+from pathlib import Path
 from typing import Any, NoReturn
 
 import lark
@@ -29,7 +35,9 @@ from rallypoint.errors import ParseError, RuleSyntaxError, SpecSyntaxError
 
 from ._ast import MAX_NESTING, And, Expr, Or, RuleDef, SessionDef, SpecFile, TransitionDef, Unit, combine
 
-__all__ = ["parse_rule_text", "parse_spec_text", "save_parser_caches"]
+__all__ = ["parse_rule_text", "parse_spec_text"]
+
+logger = logging.getLogger(__name__)
 
 # Terminal names (without a leading "_") as a person would say them in "expected one of: ...".
 _WORDS = {
@@ -93,11 +101,12 @@ class _Layout(PostLex):
 
 
 _PACKAGE = __package__ or "rallypoint.grammar"
-# spec.lark %imports rules.lark, so both texts go into the spec parser's fingerprint.
+# spec.lark %imports rules.lark, so both texts go into the spec parser's cache name.
 _SOURCES = {"rules.lark": ("rules.lark",), "spec.lark": ("spec.lark", "rules.lark")}
 
 
-def _build(grammar: str, *, newlines: bool) -> Lark:
+def _build(grammar: str, *, newlines: bool, cache: str | None = None) -> Lark:
+    """The LALR parser for `grammar`; with `cache`, Lark loads it from that file or builds and saves it there."""
     return Lark.open_from_package(
         _PACKAGE,
         grammar,
@@ -105,56 +114,91 @@ def _build(grammar: str, *, newlines: bool) -> Lark:
         lexer="contextual",
         postlex=_Layout(newlines),
         maybe_placeholders=False,
+        cache=cache or False,
     )
 
 
-def _fingerprint(grammar: str) -> str:
-    """What a saved parser was built from: the grammar texts and the Lark version."""
-    digest = hashlib.sha256(lark.__version__.encode())
-    for name in _SOURCES[grammar]:
-        digest.update(resources.files(_PACKAGE).joinpath(name).read_bytes())
-    return digest.hexdigest()
+def _cache_dir() -> Path | None:
+    """This user's folder for parser caches, made if need be; None when there is no safe, writable one.
+
+    `$RALLYPOINT_CACHE_DIR`, else `$XDG_CACHE_HOME/rallypoint`, else `~/.cache/rallypoint`. Lark unpickles
+    its cache files, so a folder anyone else can write to is never used: that would let them run code here.
+    """
+    chosen = os.environ.get("RALLYPOINT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rallypoint"
+    )
+    path = Path(chosen)
+    if not path.is_absolute():  # no home, or a relative setting: nowhere we could find again
+        return None
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        status = path.stat()
+    except OSError:
+        return None
+    ours = not hasattr(os, "getuid") or status.st_uid == os.getuid()
+    if not ours or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or not os.access(path, os.W_OK | os.X_OK):
+        return None
+    return path
 
 
 def _cache_name(grammar: str) -> str:
-    return grammar + ".parser"
+    """One file per grammar text, Lark version and Python version (Lark checks all three inside too), so
+    that environments sharing the folder keep their own files instead of overwriting one another's."""
+    digest = hashlib.sha256()
+    for name in _SOURCES[grammar]:
+        digest.update(resources.files(_PACKAGE).joinpath(name).read_bytes())
+    python = "%d%d" % sys.version_info[:2]
+    return f"{grammar}-{digest.hexdigest()[:16]}-lark{lark.__version__}-py{python}.cache"
 
 
 def _open(grammar: str, *, newlines: bool) -> Lark:
-    """The LALR parser for `grammar`, from its shipped pre-built tables when they match the grammar.
+    """The LALR parser for `grammar`, from this user's cache when it is there (a few ms, not ~100 ms).
 
-    Building the LALR tables costs ~100 ms per grammar here, paid by every process at its first rule or
-    spec; loading the saved tables costs ~3 ms. The saved file (written by `save_parser_caches()`, which
-    a test keeps current) carries a fingerprint of the grammar texts and the Lark version: when it does
-    not match, or is missing, the parser is built from the grammar as usual. Nothing is written at
-    run time.
+    Lark's own `cache=` saves and loads the tables, and builds them from the grammar again whenever the
+    file does not match (another grammar text, Lark or Python version) or cannot be read, so a stale,
+    foreign or damaged file is never an error; nor is having no cache folder (then nothing is saved).
+    Lark writes the file in place, so it is written under an exclusive lock and read under a shared one:
+    the processes of a job starting together build it once and never read it half-written.
     """
+    directory = _cache_dir()
+    if directory is None:
+        return _build(grammar, newlines=newlines)
+    target = directory / _cache_name(grammar)
+    with _locked(directory / "parsers.lock", exclusive=not target.exists()):
+        return _build(grammar, newlines=newlines, cache=str(target))
+
+
+_LOCK_WAIT = 5.0  # seconds; building takes ~0.1 s, so a lock held longer belongs to a frozen process
+
+
+@contextlib.contextmanager
+def _locked(path: Path, *, exclusive: bool) -> Iterator[None]:
+    """Holds an advisory lock on `path` for the block, waiting at most `_LOCK_WAIT`; without one (no
+    `fcntl`, an unlockable file system, a holder that does not let go) the block runs all the same."""
     try:
-        blob = resources.files(_PACKAGE).joinpath(_cache_name(grammar)).read_bytes()
-        fingerprint, _, tables = blob.partition(b"\n")
-        if fingerprint.decode() == _fingerprint(grammar):
-            # Our own package data, never bytes from the network: unpickling it is as safe as importing.
-            # `Lark.load` cannot take the postlexer (it is code, not data); `_load` is what Lark's own
-            # `cache=` option calls with it. Should a Lark release change that, we fall back to building.
-            parser: Lark = Lark.__new__(Lark)
-            return parser._load(io.BytesIO(tables), postlex=_Layout(newlines))
-    except (OSError, ValueError, TypeError, LarkError, pickle.UnpicklingError, EOFError, AttributeError,
-            KeyError, ImportError):  # ImportError: tables saved when `_Layout` lived in another module
-        pass
-    return _build(grammar, newlines=newlines)
+        import fcntl
 
-
-def save_parser_caches() -> list[str]:
-    """Rebuild the shipped parser tables next to the grammars (a development step); returns the paths."""
-    written = []
-    for grammar, newlines in (("rules.lark", False), ("spec.lark", True)):
-        buffer = io.BytesIO()
-        _build(grammar, newlines=newlines).save(buffer)
-        path = resources.files(_PACKAGE).joinpath(_cache_name(grammar))
-        with resources.as_file(path) as target:
-            target.write_bytes(_fingerprint(grammar).encode() + b"\n" + buffer.getvalue())
-            written.append(str(target))
-    return written
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + _LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(handle, mode)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    logger.debug("parser cache lock %s still held after %ss; going on without", path, _LOCK_WAIT)
+                    break
+                time.sleep(0.01)
+            except OSError:
+                break
+        yield
+    finally:
+        os.close(handle)  # and with it the lock
 
 
 # Built (or loaded) once, on the first parse.
@@ -374,11 +418,3 @@ def parse_spec_text(text: str, origin: str) -> SpecFile:
     except (LarkError, _Problem, RecursionError) as exc:
         _raise(SpecSyntaxError, exc, text, origin, _spec_parser())
     return spec
-
-
-if __name__ == "__main__":
-    # Through the package, not this __main__ copy: the saved tables refer to our classes by module name.
-    from rallypoint.grammar._lalr import save_parser_caches as _save
-
-    for written in _save():
-        print(f"wrote {written}")
