@@ -16,6 +16,17 @@ WILDCARD = "*"
 # `str()` and `==` included) far from Python's recursion limit.
 MAX_NESTING = 100
 
+# Input-size limits, checked before any parsing: rules and specs may come from untrusted places (a peer, a
+# file), and parsing costs time and memory in proportion to the text (a 10 MB rule once took 44 s and 1 GB).
+MAX_RULE_CHARS = 64 * 1024
+"""The longest rule text accepted (also the total text of the strings in one tuple-form rule)."""
+
+MAX_RULE_ITEMS = 10_000
+"""The most items (operands, operators and nested tuples, counted together) in one tuple-form rule."""
+
+MAX_SPEC_CHARS = 1024 * 1024
+"""The longest spec text accepted (1 MiB); the engine bounds states and transitions per session type too."""
+
 
 @dataclass(frozen=True, slots=True)
 class Unit:

@@ -11,6 +11,10 @@ The parsing itself is Lark's, in `_lalr`, imported on the first text parsed: imp
 building rules from tuples or ASTs) does not load Lark. Every failure leaves as `RuleSyntaxError` (rules)
 or `SpecSyntaxError` (specs) carrying line, column, the offending line with a caret under the column, the
 unexpected text and the expected things in words; no Lark exception escapes.
+
+Input is bounded before Lark sees it: a rule text longer than MAX_RULE_CHARS, a tuple-form rule with more
+than MAX_RULE_ITEMS items or MAX_RULE_CHARS characters of text, and a spec text longer than MAX_SPEC_CHARS
+are refused with the same errors, naming the limit.
 """
 
 from __future__ import annotations
@@ -23,7 +27,18 @@ from typing import Any
 
 from rallypoint.errors import RuleSyntaxError, SpecSyntaxError
 
-from ._ast import MAX_NESTING, And, Expr, Or, SpecFile, Unit, combine
+from ._ast import (
+    MAX_NESTING,
+    MAX_RULE_CHARS,
+    MAX_RULE_ITEMS,
+    MAX_SPEC_CHARS,
+    And,
+    Expr,
+    Or,
+    SpecFile,
+    Unit,
+    combine,
+)
 
 __all__ = ["as_rule", "parse_rule", "parse_spec", "rule_from_tuple"]
 
@@ -51,10 +66,15 @@ def parse_rule(text: str) -> Expr:
         >>> str(parse_rule("a:x:1 || (b:x:1 && c:*:2)"))
         'a:x:1 OR b:x:1 AND c:*:2'
 
-    Raises `RuleSyntaxError` for anything that is not a well-formed rule (empty text included).
+    Raises `RuleSyntaxError` for anything that is not a well-formed rule (empty text included) and for a
+    text longer than MAX_RULE_CHARS (64 KiB).
     """
     if not isinstance(text, str):
         raise RuleSyntaxError(f"a rule expression must be a string, got {_show(text)}")
+    if len(text) > MAX_RULE_CHARS:
+        raise RuleSyntaxError(
+            f"a rule expression of {len(text)} characters is longer than the limit of {MAX_RULE_CHARS}"
+        )
     return _lark_side().parse_rule_text(text)  # type: ignore[no-any-return]
 
 
@@ -65,9 +85,31 @@ def rule_from_tuple(obj: Sequence[Any]) -> Expr:
         'w_01:update:2 AND w_02:update:3 OR w_03:update:1'
 
     A string operand may be any rule expression. Raises `RuleSyntaxError` naming the offending item by its
-    path, e.g. `item [0][2]`; line and column then refer to that item's own text.
+    path, e.g. `item [0][2]`; line and column then refer to that item's own text. A tuple with more than
+    MAX_RULE_ITEMS items or MAX_RULE_CHARS characters of text in all is refused before anything is parsed.
     """
+    _check_tuple_size(obj)
     return _from_tuple(obj, ())
+
+
+def _check_tuple_size(obj: Any) -> None:
+    """Refuse an oversized tuple rule, looking at no more than MAX_RULE_ITEMS items (a list that contains
+    itself included)."""
+    items = chars = 0
+    pending = [obj]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, (tuple, list)):
+            items += len(item)
+            if items > MAX_RULE_ITEMS:
+                raise RuleSyntaxError(f"rule tuple: more than the limit of {MAX_RULE_ITEMS} items in all")
+            pending.extend(item)
+        elif isinstance(item, str):
+            chars += len(item)
+            if chars > MAX_RULE_CHARS:
+                raise RuleSyntaxError(
+                    f"rule tuple: more than the limit of {MAX_RULE_CHARS} characters of rule text in all"
+                )
 
 
 def _path(path: tuple[int, ...]) -> str:
@@ -136,8 +178,13 @@ def parse_spec(text: str, origin: str = "<string>") -> SpecFile:
         ('aggregate', 'worker:update:60% AND master:sync:1')
 
     Checks syntax only (plus: `states` and `initial` present, no statement twice in a session); whether the
-    names make a sound state machine is for the engine to judge. Raises `SpecSyntaxError`.
+    names make a sound state machine is for the engine to judge. Raises `SpecSyntaxError`, also for a text
+    longer than MAX_SPEC_CHARS (1 MiB).
     """
     if not isinstance(text, str):
         raise SpecSyntaxError(f"{origin}: a spec must be a string, got {type(text).__name__}")
+    if len(text) > MAX_SPEC_CHARS:
+        raise SpecSyntaxError(
+            f"{origin}: a spec of {len(text)} characters is longer than the limit of {MAX_SPEC_CHARS}"
+        )
     return _lark_side().parse_spec_text(text, origin)  # type: ignore[no-any-return]

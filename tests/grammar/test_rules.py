@@ -9,7 +9,7 @@ import pytest
 from rallypoint import grammar
 from rallypoint.errors import ParseError, RuleSyntaxError
 from rallypoint.grammar import And, Or, Unit, as_rule, parse_rule, rule_from_tuple
-from rallypoint.grammar._parse import MAX_NESTING
+from rallypoint.grammar._parse import MAX_NESTING, MAX_RULE_CHARS, MAX_RULE_ITEMS
 
 A = Unit("a", "x", 1)
 B = Unit("b", "x", 2)
@@ -207,7 +207,7 @@ def test_deeply_nested_and_cyclic_tuples_are_refused() -> None:
         rule_from_tuple(deep)
     cyclic: list[Any] = ["a:x:1"]
     cyclic.extend([cyclic, "AND"])
-    with pytest.raises(RuleSyntaxError, match="nested deeper"):
+    with pytest.raises(RuleSyntaxError, match=f"limit of {MAX_RULE_ITEMS} items"):  # counted before descending
         rule_from_tuple(cyclic)
 
 
@@ -348,3 +348,36 @@ def test_too_deep_nesting_is_a_syntax_error() -> None:
     assert (info.value.line, info.value.column) == (1, MAX_NESTING + 1)
     with pytest.raises(RuleSyntaxError):
         parse_rule("(" * 100_000)
+
+
+# ---- input size ----------------------------------------------------------------------------------------
+
+
+def test_the_documented_limits() -> None:
+    assert (MAX_RULE_CHARS, MAX_RULE_ITEMS) == (64 * 1024, 10_000)
+
+
+def test_a_rule_text_at_the_limit_parses_and_one_past_it_is_refused_before_parsing() -> None:
+    units = " OR ".join(f"w{i}:u:1" for i in range(MAX_RULE_CHARS // 8))
+    text = units[: units.rindex(" OR ", 0, MAX_RULE_CHARS)]
+    text += " " * (MAX_RULE_CHARS - len(text))
+    assert isinstance(parse_rule(text), Or)
+    with pytest.raises(RuleSyntaxError, match=f"{MAX_RULE_CHARS + 1} characters .* limit of {MAX_RULE_CHARS}"):
+        parse_rule(text + " ")
+    with pytest.raises(RuleSyntaxError, match="limit"):
+        as_rule("a:b:1 OR " * 10_000_000)  # 90 MB: refused at once, never handed to the parser
+
+
+def test_a_tuple_rule_with_too_many_items_is_refused() -> None:
+    wide = tuple(f"w{i}:u:1" for i in range(MAX_RULE_ITEMS)) + ("OR",)
+    with pytest.raises(RuleSyntaxError, match=f"limit of {MAX_RULE_ITEMS} items"):
+        rule_from_tuple(wide)
+    assert len(rule_from_tuple(wide[-100:]).parts) == 99  # type: ignore[union-attr]
+
+
+def test_a_tuple_rule_with_too_much_text_is_refused() -> None:
+    chunk = " OR ".join(f"w{i}:u:1" for i in range(1000))
+    many = (chunk,) * (MAX_RULE_CHARS // len(chunk) + 1) + ("AND",)
+    with pytest.raises(RuleSyntaxError, match=f"limit of {MAX_RULE_CHARS} characters"):
+        as_rule(many)
+

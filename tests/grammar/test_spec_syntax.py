@@ -288,3 +288,18 @@ def test_parse_spec_refuses_non_text() -> None:
 def test_deep_parentheses_in_a_spec_rule() -> None:
     with pytest.raises(SpecSyntaxError, match="nested deeper"):
         parse_spec("rule r = " + "(" * 500 + "a:x:1" + ")" * 500)
+
+
+# ---- input size ----------------------------------------------------------------------------------------
+
+
+def test_a_spec_longer_than_the_limit_is_refused_before_parsing() -> None:
+    from rallypoint.grammar._parse import MAX_SPEC_CHARS
+
+    assert MAX_SPEC_CHARS == 1024 * 1024
+    comment = "# " + "x" * 100 + "\n"
+    text = "rule r = a:b:1\n" + comment * (MAX_SPEC_CHARS // len(comment))
+    assert parse_spec(text).rules[0].name == "r"
+    oversized = text + comment
+    with pytest.raises(SpecSyntaxError, match=rf"big.spec: a spec of {len(oversized)} characters .* {MAX_SPEC_CHARS}"):
+        parse_spec(oversized, origin="big.spec")
