@@ -90,9 +90,11 @@ class SessionMessage(Message):
         'request'
 
     `session_type` is a `SessionType` or the name of a user-defined session type from a loaded spec.
-    `session_stage` defaults to that type's initial state. `event`, when given, is the event the
-    receiver fires on this session when the message arrives (for user-defined types; the built-in ones
-    need none: arrival fires `received`, a reply's arrival fires `completed`).
+    `session_stage` defaults to `request` for the built-in types; for a user-defined type it stays None
+    until whoever tracks the session (the proxy, `SessionTracker.start`) sets the initial stage from its own
+    catalog: a message consults no process-wide state. `event`, when given, is the event the receiver fires
+    on this session when the message arrives (for user-defined types; the built-in ones need none: arrival
+    fires `received`, a reply's arrival fires `completed`).
     """
 
     __slots__ = ("session_type", "session_stage", "event")
@@ -120,7 +122,7 @@ class SessionMessage(Message):
         if session_stage is None:
             # Identity first: hashing a str-Enum member runs Enum.__hash__ in Python (~0.2 us).
             session_stage = "request" if session_type is _TASK or session_type is _NOTIFICATION else (
-                _initial_stage(session_type))
+                _BUILTIN_INITIAL.get(session_type))
         self.session_stage = session_stage
         self.event = event
 
@@ -155,19 +157,7 @@ class SessionMessage(Message):
         )
 
 
-_BUILTIN_INITIAL = {"task": "request", "notification": "request"}
+# SessionType is a str Enum, so its members hash and compare like their values: one dict lookup serves both
+# spellings. Only the built-in types are known here; a user-defined type's initial stage is its catalog's.
+_BUILTIN_INITIAL: dict[object, str] = {"task": "request", "notification": "request"}
 _TASK, _NOTIFICATION = SessionType.TASK, SessionType.NOTIFICATION
-
-
-def _initial_stage(session_type: SessionType | str) -> str | None:
-    # SessionType is a str Enum, so its members hash and compare like their values: one dict lookup serves
-    # both spellings (reading `.value` first would cost more than the rest of building the message).
-    initial = _BUILTIN_INITIAL.get(session_type)
-    if initial is not None:
-        return initial
-    name = session_type.value if isinstance(session_type, SessionType) else str(session_type)
-    # A user-defined type: ask the catalog of loaded session types, imported late to keep this cheap.
-    from ._sessions import catalog
-
-    compiled = catalog.get(name)
-    return compiled.initial if compiled is not None else None

@@ -1,4 +1,4 @@
-"""Session types compiled from specs, lightweight live sessions, the session tracker and the catalog.
+"""Session types compiled from specs, lightweight live sessions, the session tracker and session catalogs.
 
     >>> spec = load_spec("task")                       # specs/task.spec, shipped with the package
     >>> task = spec.session("task")
@@ -10,10 +10,15 @@ Each session type compiles to ONE `transitions.Machine` (kept as `.machine`, the
 inspection and drawing); live sessions are small `__slots__` objects stepped through a dict read off that
 machine. Nothing here does I/O except reading spec files (and the parsed ASTs shipped next to the built-in
 ones), and nothing reads a clock: timeouts are decided by the caller, who then calls `SessionTracker.expire()`.
+
+There is no process-wide catalog: a `SessionCatalog` is made by whoever needs one (a proxy, a tracker, a
+table) and passed along. Only the compiled built-in types are shared between catalogs, and those are never
+changed after compiling.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import logging
 import os
@@ -43,19 +48,21 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BUILTIN_SESSION_TYPES",
+    "MAX_STATES",
+    "MAX_TRANSITIONS",
     "CompiledSessionType",
     "Session",
     "SessionCatalog",
     "SessionTracker",
     "Spec",
+    "SpecSource",
     "builtin_spec_names",
-    "catalog",
     "compile_session",
     "load_spec",
 ]
 
 BUILTIN_SESSION_TYPES = ("task", "notification")
-"""Session types the catalog loads from the package's `specs/<name>.spec` on first use."""
+"""Session types every catalog loads from the package's `specs/<name>.spec` on first use."""
 
 _SPECS_PACKAGE = "rallypoint.specs"
 _SPEC_NAME = re.compile(r"[A-Za-z_][\w\-]*")
@@ -118,12 +125,11 @@ class CompiledSessionType:
 
     def edges(self) -> list[tuple[str, str, str]]:
         """`(source, event, dest)` for every transition, by declared state order, then event order."""
-        return [
-            (state, event, self._next[(state, event)])
-            for state in self.states
-            for event in self.events
-            if (state, event) in self._next
-        ]
+        # A sort of the table, not a states x events scan: a big spec has thousands of both.
+        state_order = {state: i for i, state in enumerate(self.states)}
+        event_order = {event: i for i, event in enumerate(self.events)}
+        ordered = sorted(self._next.items(), key=lambda item: (state_order[item[0][0]], event_order[item[0][1]]))
+        return [(state, event, dest) for (state, event), dest in ordered]
 
     def to_mermaid(self) -> str:
         """Mermaid `stateDiagram-v2` text of this session type."""
@@ -204,58 +210,107 @@ class Session:
         return f"Session({self.id!r}, type={self.type.name!r}, state={self.state!r}, peer={self.peer!r})"
 
 
+MAX_STATES = 10_000
+"""The most states one session type may declare; more is refused with SpecError before any work."""
+
+MAX_TRANSITIONS = 100_000
+"""The most transitions one session type may declare, counting `a, b -> c on e` as two; more is refused."""
+
+
 def compile_session(defn: SessionDef) -> CompiledSessionType:
     """Check a session definition and compile it to a `transitions.Machine`.
 
-    Raises SpecError, with the line and column of the offending declaration, for: a state declared twice,
-    an initial or final state that is not declared, a transition naming an undeclared state, a transition
-    out of a final state, two transitions on the same event from the same state to different states
-    (nondeterministic), and a state not reachable from the initial state. A non-final state with no way out
-    is allowed (a session can rest there until the caller forgets it).
+    Raises SpecError, with the line and column of the offending declaration, for: more than MAX_STATES
+    states or MAX_TRANSITIONS transitions, a state declared twice, an initial or final state that is not
+    declared, a transition naming an undeclared state, a transition out of a final state, two transitions
+    on the same event from the same state to different states (nondeterministic), and a state not reachable
+    from the initial state. A non-final state with no way out is allowed (a session can rest there until the
+    caller forgets it). Time and memory are linear in the size of the definition.
     """
-    name = defn.name
-    session_at: _Pos = (defn.line, defn.column)
-    where: dict[str, Any] = {"line": defn.line, "column": defn.column}
+    _check_size(defn)
+    declared = _check_states(defn)
+    finals = _check_initial_and_finals(defn, declared)
+    edges = _check_transitions(defn, declared, frozenset(finals))
+    _check_reachable(defn, declared, edges)
+    machine = _build_machine(defn, finals)
+    return CompiledSessionType(defn.name, tuple(defn.states), defn.initial, finals, machine)
 
+
+def _session_where(defn: SessionDef) -> dict[str, Any]:
+    return {"line": defn.line, "column": defn.column}
+
+
+def _check_size(defn: SessionDef) -> None:
+    """Refuse an oversized definition before spending anything on it."""
+    where = _session_where(defn)
+    if len(defn.states) > MAX_STATES:
+        raise SpecError(
+            f"session {defn.name}: declares {len(defn.states)} states, more than the limit of {MAX_STATES}",
+            **where,
+        )
+    count = sum(len(t.sources) for t in defn.transitions)
+    if count > MAX_TRANSITIONS:
+        raise SpecError(
+            f"session {defn.name}: declares {count} transitions, more than the limit of {MAX_TRANSITIONS}",
+            **where,
+        )
+
+
+def _check_states(defn: SessionDef) -> dict[str, _Pos]:
+    """`{state: where it was declared}`, in declared order; refuses duplicates and an empty list."""
+    session_at: _Pos = (defn.line, defn.column)
+    # For a duplicate, the last position recorded for a name is where it was declared again.
+    positions: dict[str, _Pos] = {state: (line, column) for state, line, column in defn.state_positions}
     declared: dict[str, _Pos] = {}
-    positions: tuple[tuple[str, int | None, int | None], ...] = defn.state_positions or tuple(
-        (state, *session_at) for state in defn.states
-    )
-    for state, line, column in positions:
+    for state in defn.states:
+        at = positions.get(state, session_at)
         if state in declared:
-            raise SpecError(f"session {name}: state {state!r} is declared twice", line=line, column=column)
-        declared[state] = (line, column)
-    states = tuple(defn.states)
-    if len(set(states)) != len(states):  # hand-built definitions without positions
-        dup = next(s for s in states if states.count(s) > 1)
-        raise SpecError(f"session {name}: state {dup!r} is declared twice", **where)
-    if not states:
-        raise SpecError(f"session {name}: declares no states", **where)
-    known = ", ".join(states)
-    if defn.initial not in states:
+            raise SpecError(f"session {defn.name}: state {state!r} is declared twice", line=at[0], column=at[1])
+        declared[state] = at
+    if not declared:
+        raise SpecError(f"session {defn.name}: declares no states", **_session_where(defn))
+    return declared
+
+
+def _known(declared: Mapping[str, _Pos]) -> str:
+    """The declared states, for an error message (shortened: a spec may declare thousands)."""
+    names = list(declared)
+    shown = ", ".join(names[:20])
+    return shown if len(names) <= 20 else f"{shown}, ... ({len(names)} in all)"
+
+
+def _check_initial_and_finals(defn: SessionDef, declared: Mapping[str, _Pos]) -> tuple[str, ...]:
+    """The final states, deduplicated in declared order; refuses an undeclared initial or final state."""
+    session_at: _Pos = (defn.line, defn.column)
+    if defn.initial not in declared:
         line, column = defn.initial_position or session_at
         raise SpecError(
-            f"session {name}: initial state {defn.initial!r} is not declared (states: {known})",
+            f"session {defn.name}: initial state {defn.initial!r} is not declared (states: {_known(declared)})",
             line=line, column=column,
         )
     final_at: dict[str, _Pos] = {final: (line, column) for final, line, column in defn.final_positions}
     for final in defn.finals:
-        if final not in states:
+        if final not in declared:
             line, column = final_at.get(final, session_at)
             raise SpecError(
-                f"session {name}: final state {final!r} is not declared (states: {known})",
+                f"session {defn.name}: final state {final!r} is not declared (states: {_known(declared)})",
                 line=line, column=column,
             )
-    finals = tuple(dict.fromkeys(defn.finals))
+    return tuple(dict.fromkeys(defn.finals))
 
+
+def _check_transitions(defn: SessionDef, declared: Mapping[str, _Pos],
+                       finals: frozenset[str]) -> dict[tuple[str, str], str]:
+    """`{(source, event): dest}`; refuses unknown states, exits from finals and nondeterminism."""
+    name = defn.name
     edges: dict[tuple[str, str], str] = {}
     for t in defn.transitions:
-        at: dict[str, Any] = {"line": t.line, "column": t.column} if t.line is not None else where
+        at: dict[str, Any] = {"line": t.line, "column": t.column} if t.line is not None else _session_where(defn)
         for state in (*t.sources, t.dest):
-            if state not in states:
+            if state not in declared:
                 raise SpecError(
                     f"session {name}: transition on {t.event!r} names unknown state {state!r} "
-                    f"(states: {known})",
+                    f"(states: {_known(declared)})",
                     **at,
                 )
         if not t.event:
@@ -273,30 +328,45 @@ def compile_session(defn: SessionDef) -> CompiledSessionType:
                     **at,
                 )
             edges[(source, t.event)] = t.dest
+    return edges
 
+
+def _check_reachable(defn: SessionDef, declared: Mapping[str, _Pos], edges: Mapping[tuple[str, str], str]) -> None:
+    """Refuse the first declared state the initial state cannot reach (one pass over an adjacency dict)."""
+    successors: dict[str, list[str]] = {}
+    for (source, _event), dest in edges.items():
+        successors.setdefault(source, []).append(dest)
     reached = {defn.initial}
     frontier = [defn.initial]
     while frontier:
-        state = frontier.pop()
-        for (source, _event), dest in edges.items():
-            if source == state and dest not in reached:
+        for dest in successors.get(frontier.pop(), ()):
+            if dest not in reached:
                 reached.add(dest)
                 frontier.append(dest)
-    for state in states:
-        if state not in reached:
-            line, column = declared.get(state, session_at)
-            raise SpecError(
-                f"session {name}: state {state!r} is unreachable from initial state {defn.initial!r}",
-                line=line, column=column,
-            )
+    if len(reached) == len(declared):
+        return
+    state = next(state for state in declared if state not in reached)
+    line, column = declared[state]
+    raise SpecError(
+        f"session {defn.name}: state {state!r} is unreachable from initial state {defn.initial!r}",
+        line=line, column=column,
+    )
 
+
+def _build_machine(defn: SessionDef, finals: tuple[str, ...]) -> Machine:
+    """The `transitions.Machine` of a checked definition.
+
+    Built from plain data in one call: with `auto_transitions=False` and no model, transitions' own
+    construction is linear in states plus transitions (measured: benchmarks/engine.py, "spec compilation").
+    """
     # Imported here, with the first session type compiled: a process that only joins a group never needs it.
     from transitions import Machine, State
 
+    final_set = frozenset(finals)
     try:
-        machine = Machine(
+        return Machine(
             model=None,
-            states=[State(state, final=state in finals) for state in states],
+            states=[State(state, final=state in final_set) for state in defn.states],
             transitions=[
                 {"trigger": t.event, "source": list(t.sources), "dest": t.dest} for t in defn.transitions
             ],
@@ -304,11 +374,10 @@ def compile_session(defn: SessionDef) -> CompiledSessionType:
             auto_transitions=False,
             send_event=True,
             model_attribute=_MODEL_ATTRIBUTE,
-            name=name,
+            name=defn.name,
         )
     except (ValueError, TypeError) as exc:  # transitions' own checks; ours above should catch all first
-        raise SpecError(f"session {name}: {exc}", **where) from exc
-    return CompiledSessionType(name, states, defn.initial, finals, machine)
+        raise SpecError(f"session {defn.name}: {exc}", **_session_where(defn)) from exc
 
 
 class Spec:
@@ -407,8 +476,12 @@ def _parse_source(source: str | os.PathLike[str]) -> tuple[SpecFile, str]:
     )
 
 
-def load_spec(source: str | os.PathLike[str] | SpecFile, *, register: bool = True) -> Spec:
-    """Parse and compile a spec; with `register`, add its session types and rules to the catalog.
+SpecSource = Union[str, os.PathLike[str], SpecFile]
+"""What `load_spec` and `SessionCatalog.load` accept: spec text, a path, a built-in name, or a parsed spec."""
+
+
+def load_spec(source: SpecSource, *, register: bool = False) -> Spec:
+    """Parse and compile a spec. It is not added anywhere: pass it (or its source) to a `SessionCatalog`.
 
         >>> load_spec("task").session("task").initial
         'request'
@@ -418,25 +491,29 @@ def load_spec(source: str | os.PathLike[str] | SpecFile, *, register: bool = Tru
     the name of a built-in spec (`task`, `notification`); otherwise, if it contains `=`, a one-line spec
     (`rule done = master:done:1`); otherwise ConfigError. An already parsed `SpecFile` is accepted too.
 
-    Raises SpecSyntaxError for text that does not parse and SpecError (with line and column) for a spec
-    that does not compile, including a session or rule name declared twice. Registering is all-or-nothing:
-    a conflict with an already registered, different definition raises ConfigError and registers nothing.
+    Raises SpecSyntaxError for text that does not parse (or is longer than the grammar's MAX_SPEC_CHARS)
+    and SpecError (with line and column) for a spec that does not compile, including a session or rule name
+    declared twice and a session type above MAX_STATES or MAX_TRANSITIONS. `register` is accepted only as
+    False, for old call sites: there is no process-wide catalog to register into.
     """
+    if register:
+        raise ConfigError(
+            "load_spec() no longer registers specs in a process-wide catalog: add the spec to the catalog that "
+            "uses it, with SessionCatalog([source]) or catalog.load(source), and pass that catalog on "
+            "(Proxy(catalog=...), SessionTracker(catalog=...), RegisterTable(catalog=...), dist(catalog=...))"
+        )
     if isinstance(source, SpecFile):
         spec_file, text = source, ""
     else:
         spec_file, text = _parse_source(source)
     try:
-        spec = _compile_spec(spec_file)
+        return _compile_spec(spec_file)
     except SpecError as exc:
         if exc.context or not text:
             raise
         # Show where, as syntax errors do: the file, and the offending line with a caret.
         raise SpecError(exc.reason, line=exc.line, column=exc.column, origin=spec_file.origin,
                         text=text) from exc
-    if register:
-        catalog.add_spec(spec)
-    return spec
 
 
 def _compile_spec(spec_file: SpecFile) -> Spec:
@@ -460,17 +537,43 @@ def _compile_spec(spec_file: SpecFile) -> Spec:
     return Spec(spec_file.origin, session_types, rules)
 
 
-class SessionCatalog:
-    """The session types (and named rules) known by name, for SessionMessage and the proxy.
+@functools.cache
+def _builtin_spec(name: str) -> Spec:
+    """Built-in spec `name`, compiled once per process and shared by every catalog (never changed after)."""
+    # From the package itself, never through load_spec(name): that looks in the working directory first,
+    # where a stray file called `task` must not replace the built-in type.
+    text = _read_builtin(name)
+    if text is None:
+        raise ConfigError(f"the built-in spec {name!r} is missing from the installed package")
+    return load_spec(_parse_builtin(name, text))
 
-    The built-in `task` and `notification` types are loaded from the package's specs on first use.
+
+class SessionCatalog:
+    """The session types (and named rules) one proxy, tracker or table knows by name.
+
+        >>> catalog = SessionCatalog(["two_phase.spec"])       # the built-in types plus these specs
+        >>> catalog.require("two_phase").initial
+        'prepare'
+        >>> catalog.load("rule votes = worker:vote:100%")      # later additions: parse, compile, add
+        Spec('<string>', session_types=[], rules=['votes'])
+
+    `specs` are `Spec` objects or anything `load_spec` accepts (text, paths, built-in names); one source
+    alone is taken as a list of one. The built-in types (`builtins`: `task` and `notification` unless told
+    otherwise) are loaded on first use, compiled once per process and shared between catalogs. Adding is
+    all-or-nothing per spec: a name already known with a different definition raises ConfigError and adds
+    nothing (unless `replace`). Not thread-safe while being added to.
     """
 
-    def __init__(self, builtins: Iterable[str] = BUILTIN_SESSION_TYPES) -> None:
+    def __init__(self, specs: Iterable[Spec | SpecSource] | Spec | SpecSource = (), *,
+                 builtins: Iterable[str] = BUILTIN_SESSION_TYPES) -> None:
         self._types: dict[str, CompiledSessionType] = {}
         self._rules: dict[str, Expr] = {}
         self._builtins = tuple(builtins)
         self._builtins_loaded = not self._builtins
+        if isinstance(specs, (str, os.PathLike, Spec, SpecFile)):
+            specs = (specs,)
+        for source in specs:
+            self.load(source)
 
     def _ensure_builtins(self) -> None:
         if self._builtins_loaded:
@@ -478,15 +581,16 @@ class SessionCatalog:
         self._builtins_loaded = True  # set first: add_spec() below comes back here
         try:
             for name in self._builtins:
-                # From the package itself, never through load_spec(name): that looks in the working
-                # directory first, where a stray file called `task` must not replace the built-in type.
-                text = _read_builtin(name)
-                if text is None:
-                    raise ConfigError(f"the built-in spec {name!r} is missing from the installed package")
-                self.add_spec(load_spec(_parse_builtin(name, text), register=False))
+                self.add_spec(_builtin_spec(name))
         except BaseException:
             self._builtins_loaded = False
             raise
+
+    def load(self, source: Spec | SpecSource, replace: bool = False) -> Spec:
+        """Add a spec (parsed and compiled with `load_spec` unless it is a `Spec` already); return it."""
+        spec = source if isinstance(source, Spec) else load_spec(source)
+        self.add_spec(spec, replace)
+        return spec
 
     def get(self, name: str | SessionType) -> CompiledSessionType | None:
         """The session type `name` (a `SessionType` or a user-defined name), or None."""
@@ -502,8 +606,8 @@ class SessionCatalog:
         if found is None:
             key = name.value if isinstance(name, SessionType) else name
             raise UnknownSessionType(
-                f"no session type {key!r} is loaded (known: {', '.join(self.names())}); "
-                "load the spec that defines it with rallypoint.engine.load_spec()"
+                f"no session type {key!r} in this catalog (known: {', '.join(self.names())}); add the spec "
+                "that defines it: SessionCatalog([spec]) or catalog.load(spec), and pass that catalog on"
             )
         return found
 
@@ -517,7 +621,7 @@ class SessionCatalog:
 
     @property
     def rules(self) -> Mapping[str, Expr]:
-        """Named rules of the registered specs (read-only view)."""
+        """Named rules of the specs added (read-only view)."""
         self._ensure_builtins()
         return MappingProxyType(self._rules)
 
@@ -552,10 +656,9 @@ class SessionCatalog:
                 f"a different {what} named {name!r} is already registered; pass replace=True to replace it"
             )
 
+    def __repr__(self) -> str:
+        return f"SessionCatalog(session_types={self.names()!r}, rules={sorted(self._rules)!r})"
 
-catalog = SessionCatalog()
-"""The process-wide catalog that SessionMessage, the proxy and `load_spec(register=True)` use."""
-_default_catalog = catalog  # SessionTracker's `catalog` parameter shadows the module name
 
 SessionTypeLike = Union[CompiledSessionType, SessionType, str]
 """What SessionTracker.start() accepts as a session type."""
@@ -572,23 +675,32 @@ class SessionTracker:
         >>> tracker.stage("id-1")
         'failed'
 
-    A live session costs one dict entry and one `Session`. A session that reaches a final state leaves the
-    live index for a bounded LRU of `max_finished` sessions, so its final stage can still be asked for;
-    beyond that it is forgotten (`stage()` then raises UnknownSession). The tracker keeps no clock: the
-    caller decides which sessions timed out and calls `expire()`. Not thread-safe.
+    Session types named by string or `SessionType` are looked up in `catalog` (default: a catalog with the
+    built-in types only). A live session costs one dict entry and one `Session`. A session that reaches a
+    final state leaves the live index for a bounded LRU of `max_finished` sessions, so its final stage can
+    still be asked for; beyond that it is forgotten (`stage()` then raises UnknownSession). The tracker keeps
+    no clock: the caller decides which sessions timed out and calls `expire()`. Not thread-safe.
     """
 
     def __init__(self, max_finished: int = 10_000, *, catalog: SessionCatalog | None = None) -> None:
         if max_finished < 0:
             raise ConfigError(f"max_finished must be >= 0, not {max_finished}")
         self.max_finished = max_finished
-        self._catalog = catalog if catalog is not None else _default_catalog
+        self._catalog = catalog if catalog is not None else SessionCatalog()
         self._live: dict[str, Session] = {}
         self._finished: OrderedDict[str, Session] = OrderedDict()
+
+    @property
+    def catalog(self) -> SessionCatalog:
+        """The catalog session type names are looked up in."""
+        return self._catalog
 
     def start(self, session_id: str, session_type: SessionTypeLike, peer: str | None = None,
               stage: str | None = None) -> Session:
         """Track a new session in its initial state (or `stage`) and return it.
+
+        `stage=None` means the type's initial state, as in a `SessionMessage` of a user-defined type, whose
+        `session_stage` is None until a tracker fills it in.
 
         An id that is already tracked (live, or finished and still remembered) returns the existing session
         unchanged: the first message of a session starts it, later ones with the same id find it.

@@ -36,6 +36,7 @@ from rallypoint.grammar import WILDCARD, And, Expr, Unit
 
 from ._message import Message, tag_text
 from ._rules import check_rule, count_live, looks_like_name, quorum, resolve_event
+from ._sessions import SessionCatalog
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +189,9 @@ class RegisterTable:
     `peers` is the live peer view used by percentage units: a dict `{component_type: [names]}` or a
     zero-argument callable returning one, called at most once per get() (and only when a percentage rule
     holds messages). `rules` maps rule names to rules (or is a loaded `Spec`); names not found there are
-    looked up among the rules of specs loaded into the engine's catalog. `max_buffered` bounds each unit's
-    buffer: when full, the oldest message is dropped, counted in `dropped` and logged.
+    looked up among the named rules of `catalog` (default: a catalog with the built-in types, which name no
+    rules). `max_buffered` bounds each unit's buffer: when full, the oldest message is dropped, counted in
+    `dropped` and logged.
 
     Not thread-safe: use it from one thread (the proxy's message path).
     """
@@ -200,6 +202,7 @@ class RegisterTable:
         *,
         max_buffered: int = 10_000,
         rules: Mapping[str, Expr] | Any | None = None,
+        catalog: SessionCatalog | None = None,
     ) -> None:
         if max_buffered < 1:
             raise ConfigError(f"max_buffered must be at least 1, not {max_buffered}")
@@ -210,6 +213,7 @@ class RegisterTable:
             if not isinstance(rules, Mapping):
                 raise ConfigError("rules must be a mapping of rule names to rules, or a loaded Spec")
         self._rule_names: Mapping[str, Expr] = dict(rules or {})
+        self._catalog = catalog if catalog is not None else SessionCatalog()
         self._rules: list[_Rule] = []
         self._by_expr: dict[Expr, _Rule] = {}
         # Routing index: source prefix -> tag -> units (registration order, then declared order).
@@ -230,15 +234,14 @@ class RegisterTable:
     def register_event_handler(self, event: str | tuple[Any, ...] | Expr, handler: Handler) -> None:
         """Call `handler` (via get()) with the messages that meet `event`.
 
-        `event` is a rule name (tried first), a text rule such as `"worker:update:60%"`, the seed's tuple
-        form, or an `Expr`. Registering a rule equal to one already registered (however it is spelled)
-        raises ConfigError: one rule, one handler, so no message is silently handed to two of them.
+        `event` is a rule name (from `rules=`, then the catalog's; names are tried first), a text rule such
+        as `"worker:update:60%"`, the seed's tuple form, or an `Expr`. Registering a rule equal to one
+        already registered (however it is spelled) raises ConfigError: one rule, one handler, so no message
+        is silently handed to two of them.
         """
         names: tuple[Mapping[str, Expr], ...] = (self._rule_names,)
         if looks_like_name(event) and event not in self._rule_names:
-            from ._sessions import catalog  # late, and only for names: it may load the built-in specs
-
-            names += (catalog.rules,)
+            names += (self._catalog.rules,)  # only for names: it may load the built-in specs
         label, expr = resolve_event(event, *names)
         check_rule(expr)
         if expr in self._by_expr:

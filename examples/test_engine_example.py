@@ -8,7 +8,7 @@ from rallypoint.engine import Message, RegisterTable, SessionTracker, load_spec
 
 def test_a_task_session_moves_through_its_stages():
     # The built-in "task" session type is defined in specs/task.spec.
-    task = load_spec("task", register=False).session("task")
+    task = load_spec("task").session("task")
     print(task.to_mermaid())  # paste into any Mermaid viewer to see the state machine
 
     tracker = SessionTracker()

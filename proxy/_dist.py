@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from rallypoint.engine import Message, RegisterTable, catalog
+from rallypoint.engine import Message, RegisterTable, SessionCatalog
 from rallypoint.errors import ConfigError
 
 from ._proxy import Proxy
@@ -25,6 +25,7 @@ def dist(
     *,
     on_error: ErrorHook | None = None,
     rules: Mapping[str, Any] | None = None,
+    catalog: SessionCatalog | None = None,
 ) -> Callable[[type], type]:
     """Make `cls` distributed: `launch()` feeds received messages to a rule table and calls handlers.
 
@@ -34,11 +35,12 @@ def dist(
 
         Worker().launch()      # returns after proxy.stop(), Worker.stop(), or SIGTERM
 
-    Keys of `handler_dict` are text rules, the seed's tuple form, or rule names defined in a loaded spec
-    (or in `rules`). Each handler is called as `handler(that, proxy, messages)` with the local instance,
-    the proxy and exactly the messages that met its rule. A handler that raises stops `launch()` and the
-    error propagates, unless `on_error(exc, handler, messages)` is given, which is called instead and the
-    loop goes on. Attribute access on the distributed instance falls through to the local one.
+    Keys of `handler_dict` are text rules, the seed's tuple form, or rule names: from `rules`, then from
+    the named rules of `catalog` (default: the proxy's own catalog, `proxy.catalog`). Each handler is
+    called as `handler(that, proxy, messages)` with the local instance, the proxy and exactly the messages
+    that met its rule. A handler that raises stops `launch()` and the error propagates, unless
+    `on_error(exc, handler, messages)` is given, which is called instead and the loop goes on. Attribute
+    access on the distributed instance falls through to the local one.
     """
     if not isinstance(proxy, Proxy):
         raise ConfigError(f"dist() needs a Proxy, not {type(proxy).__name__}")
@@ -47,6 +49,7 @@ def dist(
     for key, handler in handler_dict.items():
         if not callable(handler):
             raise ConfigError(f"handler for {key!r} is not callable")
+    named_by = catalog if catalog is not None else _catalog_of(proxy)
 
     def decorate(cls: type) -> type:
         class Distributed:
@@ -55,7 +58,7 @@ def dist(
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 self.local_instance = cls(*args, **kwargs)
                 self.proxy = proxy
-                self._table = RegisterTable(lambda: proxy.peers, rules=_named_rules(rules))
+                self._table = RegisterTable(lambda: proxy.peers, rules=rules, catalog=named_by)
                 for event, handler in handler_dict.items():
                     self._table.register_event_handler(event, handler)
                 self._stopped = threading.Event()
@@ -110,11 +113,10 @@ def dist(
     return decorate
 
 
-def _named_rules(extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    named = dict(catalog.rules)
-    if extra:
-        named.update(extra)
-    return named
+def _catalog_of(proxy: Proxy) -> SessionCatalog:
+    """The proxy's catalog, or one with the built-in types for a proxy that keeps none."""
+    found = getattr(proxy, "catalog", None)
+    return found if isinstance(found, SessionCatalog) else SessionCatalog()
 
 
 def _install_sigterm(stop: Callable[[], None]) -> Callable[[], None] | None:

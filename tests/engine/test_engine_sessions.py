@@ -6,7 +6,15 @@ import pytest
 from transitions import Machine
 from transitions.core import MachineError
 
-from rallypoint.engine import CompiledSessionType, Session, SessionType, compile_session, load_spec
+from rallypoint.engine import (
+    MAX_STATES,
+    MAX_TRANSITIONS,
+    CompiledSessionType,
+    Session,
+    SessionType,
+    compile_session,
+    load_spec,
+)
 from rallypoint.errors import ConfigError, IllegalTransition, SpecError
 from rallypoint.grammar import SessionDef, TransitionDef, parse_spec
 
@@ -18,7 +26,7 @@ def compile_text(text: str) -> CompiledSessionType:
 
 def spec_error(text: str) -> SpecError:
     with pytest.raises(SpecError) as info:
-        load_spec(text, register=False)
+        load_spec(text)
     return info.value
 
 
@@ -165,12 +173,12 @@ def test_compiled_types_compare_by_definition() -> None:
 
 @pytest.fixture(scope="module")
 def task() -> CompiledSessionType:
-    return load_spec("task", register=False).session(SessionType.TASK)
+    return load_spec("task").session(SessionType.TASK)
 
 
 @pytest.fixture(scope="module")
 def notification() -> CompiledSessionType:
-    return load_spec("notification", register=False).session("notification")
+    return load_spec("notification").session("notification")
 
 
 def test_task_type_as_specified(task: CompiledSessionType) -> None:
@@ -291,7 +299,7 @@ session two_phase {
 
 @pytest.mark.parametrize("source", ["task", "notification", TWO_PHASE, GOOD])
 def test_the_fast_table_agrees_with_the_machine_for_every_state_and_event(source: str) -> None:
-    (kind,) = load_spec(source, register=False).session_types.values()
+    (kind,) = load_spec(source).session_types.values()
     machine = kind.machine
 
     class Model:
@@ -317,7 +325,50 @@ def test_compile_errors_name_the_file_and_show_the_line_with_a_caret(tmp_path) -
     path = tmp_path / "bad.spec"
     path.write_text("session s {\n  states a, b, c\n  initial a\n  a -> b on go\n}\n")
     with pytest.raises(SpecError) as info:
-        load_spec(str(path), register=False)
+        load_spec(str(path))
     assert (info.value.line, info.value.column) == (2, 16)
     assert str(path) in str(info.value)
     assert info.value.context == "  states a, b, c\n               ^"
+
+
+# -- size -----------------------------------------------------------------------------------------------------
+
+
+def big_spec_text(states: int, transitions: int) -> str:
+    """A session of `states` states in a chain (all reachable) plus extra transitions up to `transitions`."""
+    lines = [f"session big {{\n states {', '.join(f's{i}' for i in range(states))}\n initial s0\n"
+             f" final s{states - 1}"]
+    lines += [f" s{i} -> s{i + 1} on next" for i in range(states - 1)]
+    extra = transitions - (states - 1)
+    lines += [f" s{i % (states - 1)} -> s{(i * 7) % states} on e{i // (states - 1)}" for i in range(extra)]
+    return "\n".join(lines) + "\n}\n"
+
+
+def test_a_spec_of_5000_states_and_20000_transitions_compiles() -> None:
+    # Its time is measured in benchmarks/engine.py ("spec compilation"); here only that it works.
+    kind = load_spec(big_spec_text(5_000, 20_000)).session("big")
+    assert len(kind.states) == 5_000 and len(kind.edges()) == 20_000
+    assert kind.next_state("s0", "next") == "s1" and kind.next_state("s1", "e0") == "s7"
+
+
+def test_the_documented_limits() -> None:
+    assert (MAX_STATES, MAX_TRANSITIONS) == (10_000, 100_000)
+
+
+def test_more_states_than_the_limit_is_a_spec_error() -> None:
+    names = tuple(f"s{i}" for i in range(MAX_STATES + 1))
+    with pytest.raises(SpecError, match=f"{MAX_STATES + 1} states, more than the limit of {MAX_STATES}"):
+        compile_session(SessionDef("wide", names, "s0", (), (), line=3, column=1))
+    star = tuple(TransitionDef(("s0",), name, f"to_{name}") for name in names[1:-1])
+    at_limit = SessionDef("wide", names[:-1], "s0", (), star)
+    assert len(compile_session(at_limit).states) == MAX_STATES
+
+
+def test_more_transitions_than_the_limit_is_a_spec_error() -> None:
+    # `a, b -> c on e` counts as two: the limit is on what the machine would hold.
+    names = tuple(f"s{i}" for i in range(1_001))
+    many = tuple(TransitionDef(names[:-1], names[-1], f"e{i}") for i in range(MAX_TRANSITIONS // 1_000 + 1))
+    with pytest.raises(SpecError, match=f"{len(many) * 1_000} transitions, more than the limit of "
+                                        f"{MAX_TRANSITIONS}") as info:
+        compile_session(SessionDef("dense", names, "s0", (), many, line=3, column=1))
+    assert (info.value.line, info.value.column) == (3, 1)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rallypoint.engine import Message, RegisterTable, load_spec
+from rallypoint.engine import Message, RegisterTable, SessionCatalog, load_spec
 from rallypoint.errors import ConfigError, RuleSyntaxError, UnknownRuleName
 from rallypoint.grammar import And, Unit
 
@@ -328,8 +328,7 @@ def test_tuple_text_and_expr_keys_are_the_same_rule_so_a_second_registration_is_
 
 
 def test_named_rules_from_a_spec_and_unknown_names() -> None:
-    spec = load_spec("rule aggregate = worker:update:60% AND master:sync:1\nrule sync_all = *:sync:1\n",
-                     register=False)
+    spec = load_spec("rule aggregate = worker:update:60% AND master:sync:1\nrule sync_all = *:sync:1\n")
     table = RegisterTable(WORKERS, rules=spec)
     table.register_event_handler("aggregate", on_a)
     assert table.rules[0][:2] == ("aggregate", spec.rules["aggregate"])
@@ -350,12 +349,20 @@ def test_rules_may_be_a_plain_mapping() -> None:
     assert [name for name, _ in fired(table)] == ["on_a"]
 
 
-def test_names_fall_back_to_rules_of_specs_registered_in_the_catalog() -> None:
-    load_spec("rule engine_test_catalog_rule = boss:go:1\n")  # register=True: into the catalog
-    table = RegisterTable()
-    table.register_event_handler("engine_test_catalog_rule", on_a)
+def test_names_fall_back_to_the_rules_of_the_tables_own_catalog() -> None:
+    catalog = SessionCatalog(["rule from_catalog = boss:go:1\nrule shadowed = boss:go:2\n"])
+    table = RegisterTable(catalog=catalog, rules={"shadowed": Unit("boss", "stop", 1)})
+    table.register_event_handler("from_catalog", on_a)
+    table.register_event_handler("shadowed", on_b)  # `rules=` first, then the catalog
     table.push(msg("boss", tag="go"))
-    assert [name for name, _ in fired(table)] == ["on_a"]
+    table.push(msg("boss", tag="stop"))
+    assert [name for name, _ in fired(table)] == ["on_a", "on_b"]
+
+
+def test_a_table_sees_no_other_catalogs_rules() -> None:
+    SessionCatalog(["rule only_over_there = boss:go:1"])
+    with pytest.raises(UnknownRuleName, match="only_over_there"):
+        RegisterTable().register_event_handler("only_over_there", on_a)
 
 
 def test_bad_arguments() -> None:

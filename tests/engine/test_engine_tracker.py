@@ -1,4 +1,4 @@
-"""SessionTracker, load_spec sources, the catalog, and a user-defined session type used by SessionMessage."""
+"""SessionTracker, load_spec sources, catalogs, and a user-defined session type used by SessionMessage."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from rallypoint.engine import (
     SessionTracker,
     SessionType,
     builtin_spec_names,
-    catalog,
     load_spec,
 )
 from rallypoint.errors import (
@@ -41,9 +40,9 @@ def test_start_fire_and_stage() -> None:
 
 def test_session_types_by_enum_name_or_compiled() -> None:
     tracker = SessionTracker()
-    task = catalog.require("task")
+    task = tracker.catalog.require("task")
     assert tracker.start("a", SessionType.NOTIFICATION).type.name == "notification"
-    assert tracker.start("b", "notification").type is catalog.require(SessionType.NOTIFICATION)
+    assert tracker.start("b", "notification").type is tracker.catalog.require(SessionType.NOTIFICATION)
     assert tracker.start("c", task).type is task
     with pytest.raises(UnknownSessionType, match=r"'nope'.*notification, task"):
         tracker.start("d", "nope")
@@ -145,7 +144,6 @@ def test_fail_peer_skips_sessions_that_do_not_accept_the_event() -> None:
     spec = load_spec(
         "session sticky {\n  states waiting, done\n  initial waiting\n  final done\n"
         "  waiting -> done on ok\n}\n",
-        register=False,
     )
     tracker = SessionTracker()
     tracker.start("s", spec.session("sticky"), peer="p")
@@ -199,24 +197,27 @@ rule all_voted = participant:vote:100%
 def test_two_phase_commit_from_a_file_used_by_session_message(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "two_phase.spec"
     path.write_text(TWO_PHASE)
-    spec = load_spec(path)  # registers "two_phase" (and the rule) in the catalog
+    catalog = SessionCatalog([path])
+    spec = load_spec(path)
     assert spec.origin == str(path)
-    assert catalog.get("two_phase") is spec.session("two_phase")
+    assert catalog.get("two_phase") == spec.session("two_phase")
     assert catalog.rules["all_voted"] == spec.rules["all_voted"]
 
     message = SessionMessage(tag="prepare", source="coordinator", destination="participant_1",
                              payload={"tx": 7}, session_type="two_phase")
-    assert message.session_stage == "preparing"  # the initial stage, from the catalog
+    assert message.session_stage is None  # a message knows no catalog: its tracker fills the stage in
 
-    tracker = SessionTracker()
-    tracker.start(message.session_id, message.session_type, peer=message.destination,
-                  stage=message.session_stage)
+    tracker = SessionTracker(catalog=catalog)
+    session = tracker.start(message.session_id, message.session_type, peer=message.destination,
+                            stage=message.session_stage)
+    assert session.state == "preparing"  # the initial stage, from the tracker's catalog
     assert tracker.fire(message.session_id, "vote_yes") == "prepared"
     assert tracker.fire(message.session_id, "commit") == "committed"
     with pytest.raises(IllegalTransition):
         tracker.fire(message.session_id, "abort")
 
-    assert load_spec(str(path)).session("two_phase") == spec.session("two_phase")  # equal: fine again
+    catalog.load(str(path))  # an equal definition again: fine
+    assert SessionTracker().catalog.get("two_phase") is None  # other catalogs never see it
 
 
 def test_unknown_user_type_gives_no_stage_but_the_tracker_refuses_it() -> None:
@@ -231,16 +232,16 @@ def test_unknown_user_type_gives_no_stage_but_the_tracker_refuses_it() -> None:
 
 def test_load_spec_by_builtin_name_path_string_pathlike_and_text(tmp_path: pathlib.Path) -> None:
     assert {"notification", "task"} <= set(builtin_spec_names())
-    by_name = load_spec("task", register=False)
+    by_name = load_spec("task")
     assert by_name.origin == "<builtin task>" and list(by_name.session_types) == ["task"]
     path = tmp_path / "copy.spec"
     path.write_text(TWO_PHASE.replace("two_phase", "two_phase_copy").replace("all_voted", "all_voted_copy"))
-    assert list(load_spec(str(path), register=False).session_types) == ["two_phase_copy"]
-    assert list(load_spec(path, register=False).session_types) == ["two_phase_copy"]
-    assert load_spec("rule one_liner = a:b:1", register=False).rules == {
-        "one_liner": load_spec("rule x = a:b:1", register=False).rules["x"]
+    assert list(load_spec(str(path)).session_types) == ["two_phase_copy"]
+    assert list(load_spec(path).session_types) == ["two_phase_copy"]
+    assert load_spec("rule one_liner = a:b:1").rules == {
+        "one_liner": load_spec("rule x = a:b:1").rules["x"]
     }
-    text = load_spec("session s { states a\n initial a\n}", register=False)
+    text = load_spec("session s { states a\n initial a\n}")
     assert text.origin == "<string>" and text.session("s").initial == "a"
 
 
@@ -259,12 +260,12 @@ def test_load_spec_says_what_it_tried() -> None:
 
 def test_syntax_errors_come_from_the_grammar() -> None:
     with pytest.raises(SpecSyntaxError):
-        load_spec("session broken {\n  states a\n", register=False)
+        load_spec("session broken {\n  states a\n")
 
 
 def test_spec_session_unknown_name() -> None:
     with pytest.raises(UnknownSessionType, match="defines: task"):
-        load_spec("task", register=False).session("tsak")
+        load_spec("task").session("tsak")
 
 
 # -- the catalog ---------------------------------------------------------------------------------------------
@@ -283,23 +284,23 @@ def test_catalog_loads_builtins_lazily_and_maps_session_type_enum() -> None:
 def test_catalog_registration_policy() -> None:
     fresh = SessionCatalog()
     other_task = load_spec(
-        "session task {\n states a, b\n initial a\n final b\n a -> b on go\n}\n", register=False
+        "session task {\n states a, b\n initial a\n final b\n a -> b on go\n}\n"
     ).session("task")
-    fresh.register(load_spec("task", register=False).session("task"))  # equal to the built-in: fine
+    fresh.register(load_spec("task").session("task"))  # equal to the built-in: fine
     with pytest.raises(ConfigError, match="different session type named 'task'"):
         fresh.register(other_task)
     fresh.register(other_task, replace=True)
     assert fresh.require("task") is other_task
 
-    fresh.register_rule("r", load_spec("rule r = a:b:1", register=False).rules["r"])
+    fresh.register_rule("r", load_spec("rule r = a:b:1").rules["r"])
     with pytest.raises(ConfigError, match="different rule named 'r'"):
-        fresh.register_rule("r", load_spec("rule r = a:b:2", register=False).rules["r"])
+        fresh.register_rule("r", load_spec("rule r = a:b:2").rules["r"])
 
 
 def test_add_spec_is_all_or_nothing() -> None:
     fresh = SessionCatalog(builtins=())
-    fresh.add_spec(load_spec("rule r = a:b:1", register=False))
-    clash = load_spec("session new_one {\n states a\n initial a\n}\nrule r = a:b:9\n", register=False)
+    fresh.add_spec(load_spec("rule r = a:b:1"))
+    clash = load_spec("session new_one {\n states a\n initial a\n}\nrule r = a:b:9\n")
     with pytest.raises(ConfigError):
         fresh.add_spec(clash)
     assert fresh.get("new_one") is None
@@ -311,7 +312,7 @@ def test_require_lists_known_names() -> None:
 
 
 def test_compiled_type_is_hashable_and_reprs() -> None:
-    task = catalog.require("task")
+    task = SessionCatalog().require("task")
     assert isinstance(task, CompiledSessionType)
     assert {task: 1}[task] == 1
     assert "CompiledSessionType('task'" in repr(task)
@@ -328,6 +329,40 @@ def test_load_spec_accepts_a_hand_built_ast() -> None:
         rules=(RuleDef("pongs", Unit("*", "pong", 1)),),
         origin="<hand-built>",
     )
-    spec = load_spec(ast, register=False)
+    spec = load_spec(ast)
     assert spec.origin == "<hand-built>" and spec.rules == {"pongs": Unit("*", "pong", 1)}
     assert spec.session("ping").start("x").trigger("pong") == "done"
+
+
+def test_load_spec_registers_nowhere_and_says_where_to_add_it() -> None:
+    with pytest.raises(ConfigError, match=r"SessionCatalog\(\[source\]\) or catalog.load\(source\)"):
+        load_spec("rule r = a:b:1", register=True)
+
+
+def test_a_catalog_is_built_from_specs_of_every_kind(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "two_phase.spec"
+    path.write_text(TWO_PHASE)
+    one_liner = load_spec("rule ready = *:ready:1")
+    catalog = SessionCatalog([path, "notification", one_liner, "session ping { states a\n initial a\n}"])
+    assert catalog.names() == ["notification", "ping", "task", "two_phase"]
+    assert sorted(catalog.rules) == ["all_voted", "ready"]
+    assert SessionCatalog(str(path)).names() == ["notification", "task", "two_phase"]  # one source alone
+
+
+def test_catalogs_are_independent_and_share_only_the_compiled_builtins() -> None:
+    first, second = SessionCatalog(), SessionCatalog()
+    assert first.require("task") is second.require("task")  # compiled once per process
+    first.load("session only_first {\n states a\n initial a\n}\nrule first_rule = a:b:1\n")
+    assert "only_first" in first and "only_first" not in second
+    assert "first_rule" in first.rules and "first_rule" not in second.rules
+
+
+def test_load_adds_all_or_nothing_and_returns_the_spec() -> None:
+    catalog = SessionCatalog(builtins=())
+    spec = catalog.load("rule r = a:b:1")
+    assert spec.rules == dict(catalog.rules)
+    with pytest.raises(ConfigError, match="different rule named 'r'"):
+        catalog.load("session extra {\n states a\n initial a\n}\nrule r = a:b:2\n")
+    assert catalog.names() == []
+    catalog.load("rule r = a:b:2", replace=True)
+    assert str(catalog.rules["r"]) == "a:b:2"

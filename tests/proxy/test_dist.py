@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from rallypoint import Message, SessionMessage, SessionType, dist, load_spec
+from rallypoint import Message, SessionMessage, SessionType, dist
+from rallypoint.engine import SessionCatalog
 from rallypoint.errors import ConfigError, UnknownRuleName
 
 pytestmark = pytest.mark.timeout(30)
@@ -124,10 +125,10 @@ def test_named_rules_from_a_spec_and_bad_keys(pair, tmp_path):
     master, worker, _ = pair
     spec = tmp_path / "rules.spec"
     spec.write_text("rule go_now = master:go:1 OR master:now:1\n")
-    load_spec(str(spec))
     fired = []
 
-    @dist(worker, {"go_now": lambda that, proxy, messages: (fired.append(messages[0].tag), proxy.stop())})
+    @dist(worker, {"go_now": lambda that, proxy, messages: (fired.append(messages[0].tag), proxy.stop())},
+          catalog=SessionCatalog([spec]))
     class Named:
         pass
 
@@ -137,6 +138,8 @@ def test_named_rules_from_a_spec_and_bad_keys(pair, tmp_path):
 
     with pytest.raises(UnknownRuleName):
         dist(worker, {"no_such_rule": lambda *a: None})(type("X", (), {}))()
+    with pytest.raises(UnknownRuleName):  # the catalog given above was that table's only
+        dist(worker, {"go_now": lambda *a: None})(type("Y", (), {}))()
     with pytest.raises(ConfigError):
         dist(worker, {})
     with pytest.raises(ConfigError):
@@ -162,3 +165,17 @@ def test_a_stop_before_launch_is_not_lost_and_a_later_launch_runs_again(pair):
     # after a stop, receive_once still returns what arrives (stop() is for loops only)
     master.isend(Message(tag="later", source="master", destination="worker_001"))
     assert worker.receive_once(timeout=5).tag == "later"
+
+
+def test_rule_names_come_from_the_proxys_own_catalog_by_default(pair):
+    master, worker, _ = pair
+    worker.catalog.load("rule go_later = master:later:1\n")
+    fired = []
+
+    @dist(worker, {"go_later": lambda that, proxy, messages: (fired.append(messages[0].tag), proxy.stop())})
+    class Named:
+        pass
+
+    master.isend(Message(tag="later", source="master", destination="worker_001"))
+    Named().launch(handle_sigterm=False)
+    assert fired == ["later"]
