@@ -640,3 +640,72 @@ def test_rekey_needs_a_signed_codec_and_a_grace() -> None:
         WireCodec(None).rekey(KEY, grace=1)
     with pytest.raises(ConfigError):
         WireCodec(KEY).rekey(b"n" * 32, grace=-1)
+
+
+# -------------------------------------------------------------------- several messages in one frame
+
+
+def _open_all(codec: WireCodec, multiparts: list[list]) -> list[Envelope]:
+    return [envelope for frames in multiparts for envelope in codec.open_many([bytes(f) for f in frames])]
+
+
+@pytest.mark.parametrize("key", [KEY, None], ids=["signed", "unsigned"])
+def test_encode_many_batches_small_messages_in_order(key: bytes | None) -> None:
+    codec = WireCodec(key)
+    messages = [SessionMessage("t", "m", "w", i) for i in range(5)]
+    messages += [Message("big", "m", "w", np.arange(20_000)), Message("last", "m", "w", "alone")]
+    out = codec.encode_many(messages, incarnation="inc", seqs=range(10, 17))
+    assert [len(frames) for frames in out] == [1, 4 if key else 3, 1]  # a batch, the big one, a compact one
+    envelopes = _open_all(codec, out)
+    assert [e.header.seq for e in envelopes] == list(range(10, 17))
+    got = [e.message() for e in envelopes]
+    assert [m.message_id for m in got] == [m.message_id for m in messages]
+    assert [m.payload for m in got[:5]] == list(range(5)) and got[6].payload == "alone"
+    assert np.array_equal(got[5].payload, np.arange(20_000))
+    assert sum(e.nbytes for e in envelopes[:5]) < len(out[0][0])  # each envelope counts its own entry
+
+
+def test_a_batch_stays_within_max_message_bytes() -> None:
+    codec = WireCodec(KEY, max_message_bytes=4096)
+    messages = [Message("t", "m", "w", b"x" * 700) for _ in range(20)]
+    out = codec.encode_many(messages, incarnation="i", seqs=range(1, 21))
+    assert len(out) > 1 and all(len(frames) == 1 and len(frames[0]) <= 4096 for frames in out)
+    assert [e.message().message_id for e in _open_all(codec, out)] == [m.message_id for m in messages]
+
+
+def test_a_batch_is_refused_whole_when_any_byte_changes() -> None:
+    codec = WireCodec(KEY)
+    [[frame]] = codec.encode_many([Message("t", "a", "b", i) for i in range(3)], incarnation="i", seqs=[1, 2, 3])
+    for i in range(len(frame)):
+        mutated = bytearray(frame)
+        mutated[i] ^= 0x01
+        with pytest.raises(FrameError):
+            codec.open_many([bytes(mutated)])
+    with pytest.raises(MalformedFrame, match="open_many"):
+        codec.open([frame])  # one envelope per frame cannot hold a batch
+    with pytest.raises(FrameError):  # a batch's MAC is never a message's: re-split, it does not verify
+        codec.open_many([frame[:-32], frame[-32:]])
+    with pytest.raises(ForgedFrame):
+        WireCodec(b"other key").open_many([frame])
+
+
+def test_open_many_opens_a_single_message_too() -> None:
+    codec = WireCodec(KEY)
+    [envelope] = codec.open_many(codec.encode(Message("t", "a", "b", 1), incarnation="i", seq=1))
+    assert envelope.message().payload == 1
+
+
+def test_a_batch_signed_with_the_replaced_key_is_accepted_during_the_grace() -> None:
+    old_sender, receiver = WireCodec(KEY), WireCodec(KEY)
+    receiver.rekey(b"n" * 32, grace=60)
+    [[frame]] = old_sender.encode_many([Message("t", "a", "b", i) for i in range(2)], incarnation="i", seqs=[1, 2])
+    assert [e.message().payload for e in receiver.open_many([frame])] == [0, 1]
+
+
+def test_encode_many_refuses_what_encode_refuses() -> None:
+    codec = WireCodec(KEY)
+    with pytest.raises(ConfigError):
+        codec.encode_many([Message("t", "a", "b")], incarnation="i", seqs=[1, 2])
+    with pytest.raises(ConfigError):
+        codec.encode_many([Message("t", "a", "b"), Message("t", "a", "b", lambda: 1)], incarnation="i", seqs=[1, 2])
+    assert codec.encode_many([], incarnation="i", seqs=[]) == []

@@ -33,6 +33,9 @@ def _valid(codec: WireCodec) -> list[list[bytes]]:
     for i, payload in enumerate(payloads):
         for msg in (Message("t", "a", "b", payload), SessionMessage("s", "a", "b", payload, event="e")):
             out.append([bytes(f) for f in codec.encode(msg, incarnation="inc", seq=i + 1)])
+    batch = [Message("t", "a", "b", i) for i in range(3)]
+    for frames in codec.encode_many(batch, incarnation="inc", seqs=[1, 2, 3]):
+        out.append([bytes(f) for f in frames])
     return out
 
 
@@ -43,8 +46,14 @@ def _decode_only_frame_errors(codec: WireCodec, frames: list) -> None:
     try:
         out = codec.decode(frames)
     except FrameError:
+        pass
+    else:
+        assert isinstance(out, Message)
+    try:
+        messages = [envelope.message() for envelope in codec.open_many(frames)]
+    except FrameError:
         return
-    assert isinstance(out, Message)
+    assert all(isinstance(m, Message) for m in messages)
 
 
 @st.composite
@@ -141,7 +150,7 @@ def test_signed_headers_of_any_shape_are_refused_or_valid(fields: list) -> None:
 @FUZZ
 @given(frames=mutated(SIGNED))
 def test_open_and_peek_raise_only_frame_errors(frames: list) -> None:
-    for call in (SIGNED.open, SIGNED.peek_header):
+    for call in (SIGNED.open, SIGNED.open_many, SIGNED.peek_header):
         try:
             call(frames)
         except FrameError:
