@@ -84,7 +84,7 @@ _BATCH_ENTRY = struct.Struct("<II")
 
 
 def _split_compact(frame: Any, signed: bool) -> tuple[Any, Any, Any] | None:
-    """A compact single frame's (header, payload, mac-or-None) as views; None if it is not compact.
+    """A compact single frame's (header, payload, mac-or-None); None if it is not compact.
 
     Raises MalformedFrame for a compact frame whose announced header length does not fit in it.
     """
@@ -226,7 +226,7 @@ class Envelope:
 
     @property
     def payload_frames(self) -> Sequence[Any]:
-        """The payload frames the header was verified with (views of the received memory)."""
+        """The payload frames the header was verified with (big ones are views of the received memory)."""
         return self._payload
 
     @property
