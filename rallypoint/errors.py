@@ -138,11 +138,12 @@ class SpecError(Error, ValueError):
 
 
 def _caret(text: str, line: int | None, column: int | None) -> str:
-    lines = text.splitlines()
+    lines = text.split("\n")  # as Lark counts lines: not at \f, \v or the other splitlines() breaks
     if line is None or column is None or not 1 <= line <= len(lines):
         return ""
-    source = lines[line - 1]
-    return f"{source}\n{' ' * (column - 1)}^"
+    source = lines[line - 1].removesuffix("\r")
+    # Tabs before the column widen it on a terminal, as ParseError's caret allows for too.
+    return f"{source}\n{' ' * len(source[: column - 1].expandtabs())}^"
 
 
 class UnknownRuleName(Error, KeyError):

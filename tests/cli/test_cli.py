@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -329,6 +330,115 @@ def test_check_a_bad_spec_through_python_dash_m(tmp_path):
     assert result.returncode == 1
     assert "unreachable" in result.stderr and "line 2, column" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------ hostile arguments
+
+def long_rule(length: int) -> str:
+    """A well-formed rule of at least `length` characters: far too long to be a file name."""
+    units, rule = 0, ""
+    while len(rule) < length:
+        units += 1
+        rule = " OR ".join(f"worker_{i:04}:update:1" for i in range(units))
+    return rule
+
+
+def printable(text: str) -> bool:
+    """No character a terminal would act on or hide: only line ends separate lines."""
+    return all(unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp") for c in text.replace("\n", ""))
+
+
+def assert_one_clean_error(code: int, out: str, err: str) -> None:
+    assert (code, out) == (1, ""), err
+    assert err.startswith("error: ") and err.endswith("\n"), err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [err.splitlines()[0]]
+    assert "Traceback" not in err
+    assert printable(err), repr(err)
+
+
+@pytest.mark.parametrize("length", [300, 5000])
+def test_check_a_rule_too_long_to_be_a_path_is_parsed_as_a_rule(capsys, length):
+    rule = long_rule(length)
+    code, out, err = main(capsys, "check", rule)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == f"rule ok: {rule}"
+
+
+@pytest.mark.parametrize("length", [300, 5000])
+def test_check_a_bad_rule_too_long_to_be_a_path_is_one_error(capsys, length):
+    rule = long_rule(length) + " AND"
+    assert len(rule) > length
+    code, out, err = main(capsys, "check", rule)
+    assert_one_clean_error(code, out, err)
+    assert f"unexpected end of input at line 1, column {len(rule) + 1}" in err.splitlines()[0]
+
+
+HOSTILE = {
+    "terminal escapes": "worker:\x1b[2J\x1b]0;owned\x07update:1",
+    "C1 control and DEL": "worker:up\x9b31m\x7fdate:1",
+    "bidi override": "worker:update:1 AND \u202emaster:sync:1",
+    "carriage return": "worker:update:1\rOK",
+    "backspaces": "worker:\x08\x08\x08update:1",
+}
+
+
+@pytest.mark.parametrize("rule", HOSTILE.values(), ids=HOSTILE.keys())
+def test_check_a_rule_with_control_characters_shows_them_escaped(capsys, rule):
+    code, out, err = main(capsys, "check", rule)
+    assert_one_clean_error(code, out, err)
+    hostile = next(c for c in rule if unicodedata.category(c) in ("Cc", "Cf"))
+    assert hostile.encode("unicode_escape").decode() in err  # shown, as \x1b, never acted on
+
+
+def test_the_caret_still_points_at_the_bad_character_after_escapes(capsys):
+    # A form feed and a tab are whitespace to the grammar; the BEL after them is the error.
+    code, _, err = main(capsys, "check", "worker:\x0c\tx:\x07")
+    assert code == 1
+    lines = err.splitlines()
+    shown = "worker:\\x0c\\tx:\\x07"
+    assert lines[2] == " " * shown.index("\\x07") + "^" and lines[1] == shown, err
+
+
+def test_check_a_rule_with_a_nul_is_one_error(capsys):
+    code, out, err = main(capsys, "check", "worker:up\x00date:1")
+    assert_one_clean_error(code, out, err)
+    assert "\\x00" in err
+
+
+@pytest.mark.parametrize("path", ["missing.spec", "missing/dir/file", "missing/dir/file.txt"])
+def test_check_a_path_that_does_not_exist_is_one_error(capsys, tmp_path, path):
+    target = str(tmp_path / path)
+    code, out, err = main(capsys, "check", target)
+    assert_one_clean_error(code, out, err)
+    assert target in err.splitlines()[0]
+
+
+@pytest.mark.parametrize("command", ["check", "draw"])
+def test_a_directory_as_the_spec_is_one_error(capsys, tmp_path, command):
+    code, out, err = main(capsys, command, str(tmp_path))
+    assert_one_clean_error(code, out, err)
+    assert err == f"error: {tmp_path} is a directory, not a spec file\n"
+
+
+def test_a_spec_file_with_control_characters_is_shown_escaped(capsys, tmp_path):
+    path = tmp_path / "evil.spec"
+    path.write_text("session s {\n    states a, \x1b[31mb\n    initial a\n}\n")
+    code, out, err = main(capsys, "check", str(path))
+    assert_one_clean_error(code, out, err)
+    assert "\\x1b" in err
+
+
+def test_draw_to_a_folder_that_does_not_exist_is_one_error(capsys, tmp_path):
+    code, out, err = main(capsys, "draw", "task", "-o", str(tmp_path / "no" / "such" / "task.md"))
+    assert_one_clean_error(code, out, err)
+    assert "No such file or directory" in err
+
+
+@pytest.mark.parametrize("arg", [long_rule(5000) + " AND", "worker:\x1b[2Jupdate:", "/no/such/folder/x.spec"],
+                         ids=["long", "escapes", "missing"])
+def test_hostile_arguments_through_python_dash_m(arg):
+    result = run_cli("check", arg)
+    assert_one_clean_error(result.returncode, result.stdout, result.stderr)
 
 
 def test_check_needs_a_target(capsys):
