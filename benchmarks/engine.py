@@ -7,7 +7,10 @@
 3. RegisterTable push+get throughput with 1..1000 registered rules vs a naive table that checks every rule
    for every message (as the anchor does);
 4. session transitions and memory per live session with 100,000 live sessions vs one transitions.Machine
-   per session (measured on fewer sessions, see the output).
+   per session (measured on fewer sessions, see the output);
+5. spec compilation from 1,250 to 10,000 states: cost per transition against the smallest spec's (linear
+   compilation keeps the ratio near 1), with the cyclic GC on (as in use) and off, the share that is
+   transitions' own Machine construction, and parsing the 5,000-state spec's text for comparison.
 
 Targets are printed as PASS/MISS for information; nothing here asserts on time. Runs in well under a minute.
 """
@@ -21,12 +24,22 @@ import timeit
 import tracemalloc
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from transitions import Machine
 
-from rallypoint.engine import Message, RegisterTable, SessionMessage, SessionTracker, SessionType, catalog
-from rallypoint.grammar import as_rule, parse_rule
+from rallypoint.engine import (
+    Message,
+    RegisterTable,
+    SessionCatalog,
+    SessionMessage,
+    SessionTracker,
+    SessionType,
+    compile_session,
+)
+from rallypoint.engine._sessions import _build_machine
+from rallypoint.grammar import SessionDef, TransitionDef, as_rule, parse_rule, parse_spec
 
 ROWS: list[tuple[str, str, str, str, str]] = []
 
@@ -237,7 +250,7 @@ class Model:
 
 def bench_sessions() -> None:
     header(f"4. sessions: {LIVE:,} live via SessionTracker; baseline: a Machine per session on {NAIVE:,}")
-    task = catalog.require(SessionType.TASK)
+    task = SessionCatalog().require(SessionType.TASK)
     ids = [f"{uuid.uuid4()}" for _ in range(LIVE)]
 
     # Time: start, then two transitions each (received, completed).
@@ -340,6 +353,65 @@ def bench_sessions() -> None:
     row("Session.trigger() alone", us(min(samples)), "", "", f"(median {us(statistics.median(samples))})")
 
 
+# -- 5. spec compilation ------------------------------------------------------------------------------------
+
+COMPILE_SIZES = [(1_250, 5_000), (2_500, 10_000), (5_000, 20_000), (5_000, 50_000), (10_000, 100_000)]
+
+
+def big_session(states: int, transitions: int) -> SessionDef:
+    """One session: a chain through every state (all reachable), then extra edges up to `transitions`."""
+    names = tuple(f"s{i}" for i in range(states))
+    chain = [TransitionDef((names[i],), names[i + 1], "next") for i in range(states - 1)]
+    extra = [
+        TransitionDef((names[i % (states - 1)],), names[(i * 7) % states], f"e{i // (states - 1)}")
+        for i in range(transitions - (states - 1))
+    ]
+    return SessionDef("big", names, "s0", (names[-1],), tuple(chain + extra))
+
+
+def spec_text(defn: SessionDef) -> str:
+    lines = [f"session {defn.name} {{", f" states {', '.join(defn.states)}", f" initial {defn.initial}",
+             f" final {', '.join(defn.finals)}"]
+    lines += [f" {', '.join(t.sources)} -> {t.dest} on {t.event}" for t in defn.transitions]
+    return "\n".join(lines) + "\n}\n"
+
+
+def best_of(repeat: int, stmt: Callable[[], object], collect: bool) -> float:
+    """Best of `repeat` runs, each after a full collection; with `collect`, the cyclic GC runs as in use."""
+    samples = []
+    for _ in range(repeat):
+        gc.collect()
+        if collect:
+            gc.enable()
+        t0 = time.perf_counter()
+        stmt()
+        samples.append(time.perf_counter() - t0)
+        gc.disable()
+    return min(samples)
+
+
+def bench_compile() -> None:
+    header("5. spec compilation: per transition, against the smallest spec (GC on, as in use; and off)")
+    base: tuple[float, float] | None = None
+    for states, transitions in COMPILE_SIZES:
+        defn = big_session(states, transitions)
+        on = best_of(3, partial(compile_session, defn), collect=True)
+        off = best_of(3, partial(compile_session, defn), collect=False)
+        machine = best_of(3, partial(_build_machine, defn, defn.finals), collect=False)
+        per_on, per_off = on / transitions, off / transitions
+        base = base or (per_on, per_off)
+        row(f"{states:,} states, {transitions:,} transitions", f"{on * 1e3:.0f} ms",
+            f"{per_on * 1e6:.1f} us/transition", f"{per_on / base[0]:.2f}x",
+            f"GC off: {per_off * 1e6:.1f} us, {per_off / base[1]:.2f}x; Machine {machine / off:.0%} of it")
+        if (states, transitions) == (5_000, 20_000):
+            row("  target: 5,000 states compile well under 1 s", f"{on:.2f} s", "", "",
+                verdict(on < 0.5, "< 0.5 s"))
+            text = spec_text(defn)
+            parsed = best_of(1, partial(parse_spec, text), collect=True)
+            row(f"  parse_spec of that spec's text ({len(text) / 1e6:.2f} MB)", f"{parsed * 1e3:.0f} ms", "",
+                "", "(Lark's LALR parser; not part of compiling)")
+
+
 def main() -> None:
     start = time.perf_counter()
     print("rallypoint engine benchmarks (best of several runs; ratios are baseline/ours unless noted)")
@@ -352,6 +424,7 @@ def main() -> None:
         bench_parse()
         bench_table()
         bench_sessions()
+        bench_compile()
     finally:
         gc.enable()
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
