@@ -86,7 +86,7 @@ def _load(target: str) -> Spec:
 
     if os.path.isdir(target):
         raise ConfigError(f"{target} is a directory, not a spec file")
-    return load_spec(target, register=False)
+    return load_spec(target)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ CLI_TIMEOUT = 30.0  # seconds for one `python -m rallypoint` run (imports includ
 READY_TIMEOUT = 15.0  # seconds for `rallypoint registry` to answer PING
 STOP_TIMEOUT = 5.0  # seconds for it to exit after SIGTERM
 
-TASK = load_spec("task", register=False).session("task")
+TASK = load_spec("task").session("task")
 
 TWO_SESSIONS = """\
 # two session types in one file
@@ -198,7 +198,7 @@ def test_the_installed_console_script_runs():
 def test_check_a_builtin_spec_by_name(capsys, name):
     code, out, err = main(capsys, "check", name)
     assert (code, err) == (0, ""), err
-    compiled = load_spec(name, register=False).session(name)
+    compiled = load_spec(name).session(name)
     lines = out.splitlines()
     assert lines[0] == f"spec <builtin {name}>: ok"
     assert lines[1] == (
