@@ -17,12 +17,12 @@ from ._driver import InMemoryDriver as InMemoryDriver
 from ._driver import InMemoryNetwork as InMemoryNetwork
 from ._proxy import Proxy as Proxy
 from ._proxy import SessionInfo as SessionInfo
-from ._stats import ProxyStats as ProxyStats
 from ._registry import InMemoryRegistry as InMemoryRegistry
 from ._registry import PeerRecord as PeerRecord
 from ._registry import RedisRegistry as RedisRegistry
 from ._registry import Registry as Registry
 from ._registry import registry_from as registry_from
+from ._stats import ProxyStats as ProxyStats
 from ._wire import WireCodec as WireCodec
 
 if TYPE_CHECKING:
@@ -60,8 +60,8 @@ __all__ = [
     "Proxy",
     "ProxyStats",
     "RedisRegistry",
-    "SessionInfo",
     "Registry",
+    "SessionInfo",
     "Timeouts",
     "UNSET",
     "WireCodec",
