@@ -16,6 +16,7 @@ signed with the old key stay accepted for `KEY_GRACE` seconds.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -52,8 +53,10 @@ class MembershipListener(Protocol):
 
 @dataclass(frozen=True)
 class _Members:
-    """The lease keeper read a member list that differs from the last one it read."""
+    """The lease keeper read a member list that differs from the last one it read; `read` numbers the read
+    (see `Membership._read_members`)."""
 
+    read: int
     records: dict[str, PeerRecord]
 
 
@@ -101,6 +104,10 @@ class Membership:
         self._up_seen: set[str] = set()
         self._prompted_reads: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._news: queue.SimpleQueue[_Members | _NewKey] = queue.SimpleQueue()
+        # Registry reads are numbered when they start, on either thread; a list is applied only if no later
+        # read was applied already, so a list the keeper queued cannot undo a newer read of the owner's.
+        self._reads = itertools.count(1)
+        self._applied_read = 0
         self._keeper: _LeaseKeeper | None = None
 
     # ------------------------------------------------------------------------ lease
@@ -138,7 +145,7 @@ class Membership:
         raise JoinTimeout naming who is missing."""
         delay = 0.005
         while True:
-            self.apply(self.registry.members(self.group))
+            self._apply_read(*self._read_members())
             missing = self._missing(expected)
             left = time_left(deadline)
             if not missing:
@@ -181,7 +188,7 @@ class Membership:
         """Apply what the lease keeper found since the last call: the newest key first (a new member may know
         only the new key), then the newest member list. Everything queued is drained, so nothing is lost and
         the last list read always wins."""
-        latest: dict[str, PeerRecord] | None = None
+        latest: _Members | None = None
         key: bytes | None = None
         news = self._news
         while True:
@@ -192,11 +199,21 @@ class Membership:
             if isinstance(item, _NewKey):
                 key = item.key
             else:
-                latest = item.records
+                latest = item
         if key is not None:
             self.adopt_key(key)
         if latest is not None:
-            self.apply(latest)
+            self._apply_read(latest.read, latest.records)
+
+    def _read_members(self) -> tuple[int, dict[str, PeerRecord]]:
+        """One registry read of the member list, numbered (any thread)."""
+        read = next(self._reads)
+        return read, self.registry.members(self.group)
+
+    def _apply_read(self, read: int, members: dict[str, PeerRecord]) -> None:
+        if read > self._applied_read:
+            self._applied_read = read
+            self.apply(members)
 
     def apply(self, members: dict[str, PeerRecord]) -> None:
         """Bring our view and channels in line with the registry's member list."""
@@ -255,7 +272,7 @@ class Membership:
     def refresh_now(self) -> None:
         """Read the registry on this thread (one round trip), e.g. for a peer that joined since the last look."""
         try:
-            members = self.registry.members(self.group)
+            read, members = self._read_members()
         except RegistryError as exc:
             logger.warning("%s: registry unreachable while looking up a peer: %s", self.name, exc)
             return
@@ -265,7 +282,7 @@ class Membership:
             self.adopt_key(self.registry.group_key(self.group, create=False))
         except RegistryError as exc:  # no key there (not restored yet) or unreachable: keep ours
             logger.debug("%s: could not re-read the group key: %s", self.name, exc)
-        self.apply(members)
+        self._apply_read(read, members)
 
     def worth_reading(self, prompt: tuple[str, str]) -> bool:
         """Whether a registry read that a received frame prompts is worth doing now.
@@ -410,6 +427,7 @@ class _LeaseKeeper(threading.Thread):
         m = self._membership
         lease = m._liveness.lease
         last: dict[str, PeerRecord] | None = None
+        handed = 0  # the number of the last read handed over
         while not self._stop_event.wait(refresh):
             try:
                 if not m.registry.refresh(m.group, self._record, lease):
@@ -422,7 +440,7 @@ class _LeaseKeeper(threading.Thread):
                                        "it was empty); switching to it", m.name, m.group)
                         m._news.put(_NewKey(held))
                         m._driver.wakeup()
-                members = m.registry.members(m.group)
+                read, members = m._read_members()
             except RegistryError as exc:
                 if not self.registry_down:
                     logger.warning("%s: registry unreachable, keeping the last member list: %s", m.name, exc)
@@ -431,7 +449,9 @@ class _LeaseKeeper(threading.Thread):
             if self.registry_down:
                 logger.warning("%s: registry reachable again", m.name)
                 self.registry_down = False
-            if members != last:
-                last = members
-                m._news.put(_Members(members))
+            # Hand over a list that changed, or any list once the owner applied a read of its own since our last
+            # hand-over (its view may be another than what we last saw, and we must not leave it stale).
+            if members != last or m._applied_read > handed:
+                last, handed = members, read
+                m._news.put(_Members(read, members))
                 m._driver.wakeup()
