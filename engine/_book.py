@@ -206,6 +206,7 @@ class SessionBook:
         sid = message.session_id
         live = self._live
         record = live.get(sid)
+        awaited = False  # a reply to a session of ours that is not over with it: more may be owed
         if record is None:
             record = self._finished.get(sid)
             if record is not None and record.ended is not None:
@@ -215,6 +216,8 @@ class SessionBook:
             if record.is_final or record.kind is None:  # kept live only for the reply that just came
                 del live[sid]
                 self._finish(record)
+            else:
+                awaited = True
         if type(message) is Message:
             return Arrival.TAKEN
         user_event = message.event  # type: ignore[attr-defined]
@@ -227,7 +230,10 @@ class SessionBook:
             event = user_event or "received"
         else:
             event = user_event or "completed"
-        if self._try_fire(record, event) or user_event is None:
+        fired = self._try_fire(record, event)
+        if awaited and not record.is_final and live.get(sid) is record:
+            record.awaiting = True  # a session type of the user's: its replies are owed until it ends
+        if fired or user_event is None:
             return Arrival.TAKEN
         return Arrival.ILLEGAL_EVENT
 

@@ -1,9 +1,9 @@
 """Admission: the one place that decides whether a received frame is taken.
 
 In order, each check once: the frame structure, size and MAC (`WireCodec.open`, which returns one envelope
-of verified header and payload frames), the destination (us, this process), the sender (a member the
-registry lists under that incarnation), replay (the sender's sequence), and duplicates (a message id already
-delivered here). What fails is dropped, counted by reason in `ProxyStats` and logged at a bounded rate;
+of verified header and payload frames), the destination (us, this very process; a frame that does not name
+our process must come from a member the registry lists under that incarnation), replay (the sender's
+sequence), and duplicates (a message id already delivered here). What fails is dropped, counted by reason in `ProxyStats` and logged at a bounded rate;
 nothing raises out of `admit`.
 """
 
@@ -43,10 +43,22 @@ class Admission:
     def admit(self, frames: Sequence[Any]) -> Envelope | None:
         """The verified envelope of `frames` if they are taken; None (counted, logged) if not."""
         try:
-            envelope = self._open(frames)
-            header = envelope.header
-            self._check_sender(header)
-            self._replay.check(header.source, header.incarnation, header.seq)
+            try:
+                envelope = self._codec.open(frames)
+            except ForgedFrame:
+                # Signed with a key the registry holds now, and we did not? (At most one registry read a second.)
+                if not self._membership.key_replaced():
+                    raise
+                envelope = self._codec.open(frames)
+            header = envelope._header
+            source = header.source
+            if header.destination != self._name or (header.to_incarnation
+                                                    and header.to_incarnation != self._incarnation):
+                self._check_destination(header)
+            record = self._membership.record(source)
+            if record is None or record.incarnation != header.incarnation:
+                self._check_sender(header)
+            self._replay.check(source, header.incarnation, header.seq)
         except FrameError as exc:
             self.drop(exc, "")
             return None
@@ -54,8 +66,7 @@ class Admission:
         seen = self._seen_ids
         if message_id in seen:  # exactly once: a copy of a message already delivered here goes
             self._stats.duplicates += 1
-            self._drops.drop("duplicate", header.source,
-                             f"a second copy of message {message_id} from {header.source!r}")
+            self._drops.drop("duplicate", source, f"a second copy of message {message_id} from {source!r}")
             return None
         if self._dedup_window:
             seen.add(message_id)
@@ -73,22 +84,16 @@ class Admission:
         stats.dropped_by_reason[reason] = stats.dropped_by_reason.get(reason, 0) + 1
         self._drops.drop(reason, peer, f"a frame ({reason}): {exc}")
 
-    def _open(self, frames: Sequence[Any]) -> Envelope:
-        try:
-            return self._codec.open(frames)
-        except ForgedFrame:
-            # Signed with a key the registry holds now, and we did not? (At most one registry read a second.)
-            if not self._membership.key_replaced():
-                raise
-            return self._codec.open(frames)
-
-    def _check_sender(self, header: Header) -> None:
+    def _check_destination(self, header: Header) -> None:
         if header.destination != self._name:
             raise ForgedFrame(f"frame for {header.destination!r} arrived at {self._name!r}")
         if header.to_incarnation and header.to_incarnation != self._incarnation:
             # Queued for an earlier process under our name (restarted on the same port): not ours to take.
             raise ReplayedFrame(f"frame {header.message_id} from {header.source!r} was meant for an earlier "
                                 f"{self._name!r} (incarnation {header.to_incarnation[:8]})")
+
+    def _check_sender(self, header: Header) -> None:
+        """A sender the member list lacks (under that incarnation): look again, at most once a second."""
         membership = self._membership
         record = membership.record(header.source)
         if record is None or record.incarnation != header.incarnation:

@@ -15,7 +15,7 @@ class ProxyStats:
     """
 
     __slots__ = ("sent", "received", "dropped_frames", "dropped_unclaimed", "dropped_late", "duplicates", "held",
-                 "held_expired", "refused", "peers_lost", "peers_left", "rekeyed", "illegal_events",
+                 "held_expired", "refused", "undelivered", "peers_lost", "peers_left", "rekeyed", "illegal_events",
                  "dropped_by_reason")
 
     def __init__(self) -> None:
@@ -28,6 +28,7 @@ class ProxyStats:
         self.held = 0
         self.held_expired = 0
         self.refused = 0
+        self.undelivered = 0  # messages close() could not deliver (held for gone peers), replies to peers that left
         self.peers_lost = 0
         self.peers_left = 0  # peers that said goodbye (closed normally)
         self.rekeyed = 0  # times this proxy adopted a group key the registry held instead of its own
