@@ -37,7 +37,8 @@ class Message:
         >>> m.tag, m.source, m.destination
         ('check_in', 'worker_001', 'master')
 
-    `session_id` and `message_id` are generated (UUID text) unless given.
+    `session_id` and `message_id` are generated (UUID text) unless given. `source` may be left out of a message
+    you send: the proxy fills in its own name (and refuses another one, which receivers would drop).
     """
 
     __slots__ = ("tag", "source", "destination", "payload", "session_id", "message_id")
@@ -45,8 +46,8 @@ class Message:
     def __init__(
         self,
         tag: Any,
-        source: str,
-        destination: str,
+        source: str = "",
+        destination: str = "",
         payload: Any = None,
         session_id: str | None = None,
         message_id: str | None = None,
@@ -102,8 +103,8 @@ class SessionMessage(Message):
     def __init__(
         self,
         tag: Any,
-        source: str,
-        destination: str,
+        source: str = "",
+        destination: str = "",
         payload: Any = None,
         session_type: SessionType | str = SessionType.TASK,
         session_stage: str | None = None,
