@@ -3,8 +3,8 @@
 In order, each check once: the frame structure, size and MAC (`WireCodec.open`, which returns one envelope
 of verified header and payload frames), the destination (us, this very process; a frame that does not name
 our process must come from a member the registry lists under that incarnation), replay (the sender's
-sequence), and duplicates (a message id already delivered here). What fails is dropped, counted by reason in `ProxyStats` and logged at a bounded rate;
-nothing raises out of `admit`.
+sequence), and duplicates (a message id already delivered here). What fails is dropped, counted by reason in
+`ProxyStats` and logged at a bounded rate; nothing raises out of `admit`.
 """
 
 from __future__ import annotations
@@ -55,9 +55,13 @@ class Admission:
             if header.destination != self._name or (header.to_incarnation
                                                     and header.to_incarnation != self._incarnation):
                 self._check_destination(header)
-            record = self._membership.record(source)
-            if record is None or record.incarnation != header.incarnation:
-                self._check_sender(header)
+            # A frame made for this very process (its to_incarnation is ours) is taken whether or not the
+            # registry still lists its sender (its last words before it left); one naming no process needs a
+            # sender listed under that incarnation.
+            if not header.to_incarnation:
+                record = self._membership.record(source)
+                if record is None or record.incarnation != header.incarnation:
+                    self._check_sender(header)
             self._replay.check(source, header.incarnation, header.seq)
         except FrameError as exc:
             self.drop(exc, "")

@@ -3,64 +3,100 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 
 from rallypoint.engine import Message
 
 
 class Inbox:
-    """Buffered messages by id (arrival order) and by session; at most `limit` of them."""
+    """Buffered messages in arrival order and by session; at most `limit` of them.
 
-    __slots__ = ("limit", "_messages", "_by_session")
+    Arrival order is a deque of the messages themselves. A message taken by session from the middle of it
+    (not from either end) stays there as a tombstone (its `id()` in `_taken`; the deque keeps the object
+    alive, so the id cannot be reused meanwhile) until `take` passes it, or until tombstones outnumber the
+    buffered messages and the deque is rebuilt without them: memory stays bounded by about 2 x `limit`.
+    """
+
+    __slots__ = ("limit", "_order", "_by_session", "_taken", "_count")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._messages: OrderedDict[str, Message] = OrderedDict()
-        self._by_session: dict[str, deque[str]] = {}
+        self._order: deque[Message] = deque()
+        # session id -> its one buffered message (the common case), or a deque of them, oldest first
+        self._by_session: dict[str, Message | deque[Message]] = {}
+        self._taken: set[int] = set()
+        self._count = 0
 
     def put(self, message: Message) -> Message | None:
         """Buffer `message`; when full, the oldest buffered message makes room and is returned."""
-        evicted = None
-        if len(self._messages) >= self.limit:
-            _, evicted = self._messages.popitem(last=False)
-            self._unindex(evicted)
-        self._messages[message.message_id] = message
-        ids = self._by_session.get(message.session_id)
-        if ids is None:
-            self._by_session[message.session_id] = deque((message.message_id,))
+        evicted = self.take() if self._count >= self.limit else None
+        self._order.append(message)
+        self._count += 1
+        sid = message.session_id
+        by_session = self._by_session
+        same = by_session.get(sid)
+        if same is None:
+            by_session[sid] = message
+        elif type(same) is deque:
+            same.append(message)
         else:
-            ids.append(message.message_id)
+            by_session[sid] = deque((same, message))  # type: ignore[arg-type]
         return evicted
 
     def take(self) -> Message | None:
         """The oldest buffered message, or None."""
-        if not self._messages:
-            return None
-        _, message = self._messages.popitem(last=False)
-        self._unindex(message)
-        return message
+        order = self._order
+        taken = self._taken
+        while order:
+            message = order.popleft()
+            if taken and id(message) in taken:
+                taken.discard(id(message))
+                continue
+            self._count -= 1
+            by_session = self._by_session
+            sid = message.session_id
+            same = by_session[sid]
+            if same is message:
+                del by_session[sid]
+            else:  # a deque of this session's messages, oldest first: this one leads it
+                same.popleft()  # type: ignore[union-attr]
+                if len(same) == 1:  # type: ignore[arg-type]
+                    by_session[sid] = same[0]  # type: ignore[index]
+            return message
+        return None
 
     def take_session(self, session_id: str) -> Message | None:
         """The oldest buffered message of `session_id`, or None."""
-        ids = self._by_session.get(session_id)
-        if not ids:
+        by_session = self._by_session
+        same = by_session.get(session_id)
+        if same is None:
             return None
-        message_id = ids.popleft()
-        if not ids:
-            del self._by_session[session_id]
-        return self._messages.pop(message_id)
-
-    def _unindex(self, message: Message) -> None:
-        ids = self._by_session[message.session_id]
-        if ids[0] == message.message_id:
-            ids.popleft()
+        if type(same) is deque:
+            message = same.popleft()
+            if len(same) == 1:
+                by_session[session_id] = same[0]
         else:
-            ids.remove(message.message_id)
-        if not ids:
-            del self._by_session[message.session_id]
+            message = same  # type: ignore[assignment]
+            del by_session[session_id]
+        self._count -= 1
+        order = self._order
+        if order[-1] is message:  # the newest (a reply that just came): no tombstone needed
+            order.pop()
+        elif order[0] is message:
+            order.popleft()
+        else:
+            self._taken.add(id(message))
+            if len(self._taken) > 64 and len(self._taken) > self._count:
+                self._compact()
+        return message
+
+    def _compact(self) -> None:
+        taken = self._taken
+        self._order = deque(m for m in self._order if id(m) not in taken)
+        taken.clear()
 
     def has_session(self, session_id: str) -> bool:
         return session_id in self._by_session
 
     def __len__(self) -> int:
-        return len(self._messages)
+        return self._count
