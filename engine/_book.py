@@ -116,7 +116,9 @@ class SessionBook:
         """Record a message we originate (send, scatter, broadcast): its session starts here, or, if an
         earlier attempt in the same session ended without a reply, starts afresh."""
         sid = message.session_id
-        old = self._live.get(sid) or self._finished.get(sid)
+        old = self._live.get(sid)
+        if old is None:
+            old = self._finished.get(sid)
         if old is not None and old.ended is not None:
             self.forget(sid)
             old = None
@@ -127,14 +129,18 @@ class SessionBook:
             self._live[sid] = record
             return record
         assert isinstance(message, SessionMessage)
-        if message.session_stage is None:
-            message.session_stage = kind.initial
+        stage = message.session_stage
+        if stage is None:
+            stage = message.session_stage = kind.initial
+        awaits = _one_way_cache.get(id(kind))
+        if awaits is None:
+            awaits = expects_reply(kind)
         if old is not None:  # a second request in a session we know: the stage goes on from where it is
             old.peer = message.destination
-            old.awaiting = expects_reply(kind) and not old.is_final
+            old.awaiting = awaits and not old.is_final
             return old
-        record = SessionRecord(sid, kind, message.session_stage, message.destination, expects_reply(kind))
-        if record.is_final:
+        record = SessionRecord(sid, kind, stage, message.destination, awaits)
+        if stage in kind._finals:
             self._finish(record)
         else:
             self._live[sid] = record
@@ -225,9 +231,19 @@ class SessionBook:
             kind = kind_of(message.session_type)  # type: ignore[attr-defined]
             if kind is None:
                 return Arrival.UNKNOWN_TYPE
-            record = SessionRecord(sid, kind, kind.initial, message.source, False)
-            live[sid] = record
+            # A session that starts here (a task or notification for us): `_try_fire` inlined, on every one.
             event = user_event or "received"
+            dest = kind._next.get((kind.initial, event))
+            record = SessionRecord(sid, kind, kind.initial if dest is None else dest, message.source, False)
+            if dest is None:
+                live[sid] = record
+                return Arrival.TAKEN if user_event is None else Arrival.ILLEGAL_EVENT
+            if dest in kind._finals:
+                live.pop(sid, None)
+                self._finish(record)
+            else:
+                live[sid] = record
+            return Arrival.TAKEN
         else:
             event = user_event or "completed"
         fired = self._try_fire(record, event)
