@@ -156,8 +156,14 @@ def test_a_peer_that_closed_is_left_its_last_message_delivered_and_logged_at_inf
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-def test_a_session_waiting_on_a_peer_that_left_fails_with_peer_gone_saying_it_left(pair):
+@pytest.mark.parametrize("master_wrote_first", [True, False], ids=["master-had-written", "master-only-received"])
+def test_a_session_waiting_on_a_peer_that_left_fails_with_peer_gone_saying_it_left(pair, master_wrote_first):
+    """The master takes a task and closes without answering. Whether or not it ever sent the worker anything
+    (a master that only receives has no channel of its own to the worker), the worker hears it left."""
     master, worker, _ = pair
+    if master_wrote_first:
+        master.isend(Message(tag="hello", source="master", destination="worker_001"))
+        assert worker.receive_once(timeout=10).tag == "hello"
     [sid] = worker.isend(SessionMessage(tag="work", source="worker_001", destination="master", payload=2))
     task = master.receive_once(timeout=10)
     assert task.session_id == sid
@@ -166,6 +172,7 @@ def test_a_session_waiting_on_a_peer_that_left_fails_with_peer_gone_saying_it_le
         worker.receive_by_id(sid, timeout=10)
     assert info.value.peer == "master"
     assert "left" in str(info.value)
+    assert worker.peer_state("master") == "left"
 
 
 # ---------------------------------------------------------------------------------------------------- 4
