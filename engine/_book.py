@@ -280,6 +280,10 @@ class SessionBook:
             return True
         return record.ended is None and record.kind is not None and expects_reply(record.kind) and not record.is_final
 
+    def live_records(self) -> list[SessionRecord]:
+        """Every live session's record."""
+        return list(self._live.values())
+
     def live_with(self, peer: str) -> int:
         """How many live sessions have `peer` on the other side."""
         return sum(1 for r in self._live.values() if r.peer == peer)

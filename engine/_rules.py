@@ -31,6 +31,7 @@ __all__ = [
     "resolve_event",
     "source_matches",
     "units_of",
+    "unmatched_sources",
 ]
 
 # A handler key that looks like a name (no colon, no operator): if it is not a known rule name, the user most
@@ -145,3 +146,22 @@ def resolve_event(event: Any, *names: Mapping[str, Expr]) -> tuple[str, Expr]:
     raise ConfigError(
         f"a handler key must be a rule name, a text rule, a tuple rule or a rule expression, not {event!r}"
     )
+
+
+def unmatched_sources(expr: Expr, types: Iterable[str], names: Iterable[str]) -> list[str]:
+    """The unit sources of `expr` that can match none of the peer `names` and no peer of the component `types`
+    (a source matches a type's peers when one is a prefix of the other: `worker` and `worker_0` both fit
+    `worker_0a1b`). `*` matches everything. For a warning: such a unit waits for messages that never come.
+
+        >>> unmatched_sources(as_rule("mastr:*:1 OR master:stop:1"), ["master"], [])
+        ['mastr']
+    """
+    types, names = list(types), list(names)
+    unmatched = set()
+    for unit in units_of(expr):
+        source = unit.source
+        if source == WILDCARD or any(name.startswith(source) for name in names):
+            continue
+        if not any(kind.startswith(source) or source.startswith(kind) for kind in types):
+            unmatched.add(source)
+    return sorted(unmatched)

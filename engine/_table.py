@@ -35,7 +35,7 @@ from rallypoint.errors import ConfigError
 from rallypoint.grammar import WILDCARD, And, Expr, Unit
 
 from ._message import Message, tag_text
-from ._rules import check_rule, count_live, looks_like_name, quorum, resolve_event
+from ._rules import check_rule, count_live, looks_like_name, quorum, resolve_event, unmatched_sources
 from ._sessions import SessionCatalog
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,9 @@ class RegisterTable:
     holds messages). `rules` maps rule names to rules (or is a loaded `Spec`); names not found there are
     looked up among the named rules of `catalog` (default: a catalog with the built-in types, which name no
     rules). `max_buffered` bounds each unit's buffer: when full, the oldest message is dropped, counted in
-    `dropped` and logged.
+    `dropped` and logged. `expected_types`: the component types the group is expected to hold; given, a rule
+    whose source can match none of them and no peer of the view is logged (one warning per rule), since it
+    would wait for messages that never come (`mastr:*:1` in a group of `master` and `worker`).
 
     Not thread-safe: use it from one thread (the proxy's message path).
     """
@@ -203,11 +205,13 @@ class RegisterTable:
         max_buffered: int = 10_000,
         rules: Mapping[str, Expr] | Any | None = None,
         catalog: SessionCatalog | None = None,
+        expected_types: Iterable[str] | None = None,
     ) -> None:
         if max_buffered < 1:
             raise ConfigError(f"max_buffered must be at least 1, not {max_buffered}")
         self.peers = peers
         self.max_buffered = max_buffered
+        self._expected_types = tuple(expected_types) if expected_types is not None else None
         if rules is not None and not isinstance(rules, Mapping):
             rules = getattr(rules, "rules", None)  # a Spec
             if not isinstance(rules, Mapping):
@@ -244,6 +248,8 @@ class RegisterTable:
             names += (self._catalog.rules,)  # only for names: it may load the built-in specs
         label, expr = resolve_event(event, *names)
         check_rule(expr)
+        if self._expected_types is not None:
+            self._warn_if_unmatched(label, expr)
         if expr in self._by_expr:
             other = self._by_expr[expr]
             raise ConfigError(
@@ -265,6 +271,16 @@ class RegisterTable:
                 self._index.setdefault(unit.source, {}).setdefault(unit.tag, []).append(unit)
         self._lengths = sorted({len(prefix) for prefix in self._index}, reverse=True)
         self._routes.clear()
+
+    def _warn_if_unmatched(self, label: str, expr: Expr) -> None:
+        peers = self.peers
+        view = (peers() if callable(peers) else peers) or {}
+        types = {*(self._expected_types or ()), *view}
+        names = [name for group in view.values() for name in group]
+        unmatched = unmatched_sources(expr, types, names)
+        if unmatched:
+            logger.warning("rule %r: source %s can match no peer (known types: %s): its handler would never run",
+                           label, ", ".join(repr(u) for u in unmatched), ", ".join(sorted(types)) or "none")
 
     @property
     def rules(self) -> list[tuple[str, Expr, Handler]]:
