@@ -68,6 +68,10 @@ class Liveness:
     declared gone (a crashed process is usually noticed at once, by its closed TCP connection).
     A frozen process or a cut link is declared gone within `detection` seconds (2.5 by default).
 
+    `orphan_after`: when every peer of a type in `expected_peers` has been gone (crashed, cut off) for that
+    long without coming back, `receive()`, `receive_once()` and `launch()` raise `PeerGone` naming them, so no
+    worker waits forever for a master that died (`None`: wait forever).
+
         >>> Liveness().detection
         2.5
     """
@@ -76,12 +80,14 @@ class Liveness:
     refresh: float = 0.5  # how often the lease is renewed and the member list re-read
     heartbeat: float = 0.5
     heartbeat_timeout: float = 2.0
+    orphan_after: float | None = 30.0
 
     def __post_init__(self) -> None:
         for name in ("lease", "refresh", "heartbeat", "heartbeat_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"Liveness.{name} must be a positive number of seconds, not {value!r}")
+        _check_timeout("Liveness.orphan_after", self.orphan_after)
         if self.refresh >= self.lease:
             raise ConfigError("Liveness.refresh must be shorter than Liveness.lease")
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from rallypoint.engine import Message, RegisterTable, SessionCatalog
-from rallypoint.errors import ConfigError
+from rallypoint.errors import ConfigError, PeerGone
 
 from ._proxy import Proxy
 
@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[Any, Proxy, list[Message]], Any]
 ErrorHook = Callable[[BaseException, Handler, list[Message]], Any]
+PeerGoneHook = Callable[[Any, Proxy, str], Any]
 
 
 def dist(
@@ -26,6 +27,7 @@ def dist(
     on_error: ErrorHook | None = None,
     rules: Mapping[str, Any] | None = None,
     catalog: SessionCatalog | None = None,
+    on_peer_gone: PeerGoneHook | None = None,
 ) -> Callable[[type], type]:
     """Make `cls` distributed: `launch()` feeds received messages to a rule table and calls handlers.
 
@@ -41,6 +43,12 @@ def dist(
     that met its rule. A handler that raises stops `launch()` and the error propagates, unless
     `on_error(exc, handler, messages)` is given, which is called instead and the loop goes on. Attribute
     access on the distributed instance falls through to the local one.
+
+    Every rule is parsed and checked here, when the decorator runs: a malformed rule or an unknown rule name
+    raises at once, and a rule whose source can match no expected peer type and no live peer is logged (one
+    warning). `launch()` ends normally when every peer of an expected type left (closed) and everything they
+    sent was handled; when every peer of one is gone (crashed, cut off) for `Liveness.orphan_after`, it raises
+    PeerGone, or, given `on_peer_gone(that, proxy, peer)`, calls that for each of them and goes on.
     """
     if not isinstance(proxy, Proxy):
         raise ConfigError(f"dist() needs a Proxy, not {type(proxy).__name__}")
@@ -50,6 +58,10 @@ def dist(
         if not callable(handler):
             raise ConfigError(f"handler for {key!r} is not callable")
     named_by = catalog if catalog is not None else _catalog_of(proxy)
+    # Checked now, before any instance exists: errors and warnings show where the rules are written.
+    checker = RegisterTable(lambda: proxy.peers, rules=rules, catalog=named_by, expected_types=proxy.expected_peers)
+    for event, handler in handler_dict.items():
+        checker.register_event_handler(event, handler)
 
     def decorate(cls: type) -> type:
         class Distributed:
@@ -77,8 +89,28 @@ def dist(
                 proxy.stop()
 
             def launch(self, *, handle_sigterm: bool = True) -> None:
-                """Receive and dispatch until stopped; with `handle_sigterm`, SIGTERM stops it cleanly."""
-                restore = _install_sigterm(self.stop) if handle_sigterm else None
+                """Receive and dispatch until stopped, or until the job is over (every peer of an expected type
+                left). With `handle_sigterm`, SIGTERM stops it and closes the proxy: the process is asked to
+                end, so it leaves the group properly (its peers hear it left, not that it crashed)."""
+                terminated = threading.Event()
+
+                def on_sigterm() -> None:
+                    terminated.set()
+                    self.stop()
+
+                restore = _install_sigterm(on_sigterm) if handle_sigterm else None
+                try:
+                    while not self._dispatch_until_done():
+                        pass
+                finally:
+                    self._stopped.clear()
+                    if restore is not None:
+                        restore()
+                    if terminated.is_set():
+                        proxy.close()
+
+            def _dispatch_until_done(self) -> bool:
+                """One receive loop; True when launch() is done, False to start another (after on_peer_gone)."""
                 incoming = proxy.receive(timeout=None)
                 try:
                     for message in incoming:
@@ -86,14 +118,18 @@ def dist(
                         for handler, messages in self._table.get():
                             self._call(handler, messages)
                             if self._stopped.is_set():
-                                break
+                                return True
                         if self._stopped.is_set():
-                            break
+                            return True
+                except PeerGone as exc:
+                    if on_peer_gone is None:
+                        raise
+                    for peer in exc.peers:
+                        on_peer_gone(self.local_instance, proxy, peer)
+                    return self._stopped.is_set() or proxy.closed
                 finally:
                     incoming.close()  # ends the receive loop now, consuming the stop request
-                    self._stopped.clear()
-                    if restore is not None:
-                        restore()
+                return True
 
             def _call(self, handler: Handler, messages: list[Message]) -> None:
                 try:

@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from rallypoint.errors import JoinTimeout, PeerUnreachable, RegistryError
+from rallypoint.errors import PeerUnreachable, RegistryError
 
-from ._config import Liveness, time_left
+from ._config import Liveness
 from ._driver import Driver
 from ._registry import PeerRecord, Registry
 from ._stats import ProxyStats
@@ -45,9 +45,14 @@ PROMPTED_READ_INTERVAL = 1.0
 
 
 class MembershipListener(Protocol):
-    """What the owner of a `Membership` hears about peers (called on the owner thread)."""
+    """What the owner of a `Membership` hears about peers (called on the owner thread).
 
-    def peer_gone(self, peer: str, why: str) -> None: ...
+    `peer_gone`: crashed, cut off, restarted, or unlisted; `loud` is False for a peer we never had a channel to
+    (nothing of ours depended on it). `peer_left`: it said goodbye after its last message.
+    """
+
+    def peer_gone(self, peer: str, why: str, loud: bool) -> None: ...
+    def peer_left(self, peer: str) -> None: ...
     def peer_back(self, peer: str) -> None: ...
 
 
@@ -98,6 +103,8 @@ class Membership:
         self._keep_gone: Callable[[str], bool] = lambda peer: True
         self._members: dict[str, PeerRecord] = {}
         self._gone: dict[str, float] = {}  # peers declared gone, by when (monotonic)
+        self._left: dict[str, tuple[str, float]] = {}  # peers that said goodbye: (incarnation, when)
+        self._types: dict[str, str] = {}  # the component type of every peer seen, listed or not (see orphans())
         self._connected: set[str] = set()
         # Peers whose channel we saw come up and not go down since: a send that finds one of them not up knows
         # the channel broke (its "down" is still queued in the driver) rather than never opened.
@@ -138,50 +145,6 @@ class Membership:
         except RegistryError as exc:
             logger.warning("%s: could not unregister (the lease will expire): %s", self.name, exc)
 
-    # ------------------------------------------------------------------------ joining
-
-    def wait_for(self, expected: Mapping[str, int], deadline: float | None, join_timeout: float | None) -> None:
-        """Wait until `expected` ({type: count}) have registered and completed their channel handshake, or
-        raise JoinTimeout naming who is missing."""
-        delay = 0.005
-        while True:
-            self._apply_read(*self._read_members())
-            missing = self._missing(expected)
-            left = time_left(deadline)
-            if not missing:
-                # Registered is not reachable: wait for the handshakes too, so a first broadcast counts every
-                # expected peer. Re-read the list every `refresh`: a peer killed without close() stays
-                # listed until its lease lapses, and must not make the join fail.
-                targets = [n for n, r in self._members.items() if r.component_type in expected]
-                wait = self._liveness.refresh if left is None else min(left, self._liveness.refresh)
-                not_up = self._driver.wait_up(targets, wait)
-                if not not_up:
-                    self._up_seen.update(targets)
-                    return
-                if time_left(deadline) == 0:
-                    by_type: dict[str, int] = {}
-                    for peer in not_up:
-                        kind = self._members[peer].component_type
-                        by_type[kind] = by_type.get(kind, 0) + 1
-                    raise JoinTimeout(
-                        f"{self.name}: registered but not reachable within the join timeout: {sorted(not_up)}",
-                        by_type,
-                    )
-                continue
-            if left is not None and left <= 0:
-                parts = ", ".join(f"{n} more {t!r}" for t, n in sorted(missing.items()))
-                raise JoinTimeout(f"{self.name} in group {self.group!r}: expected peers not registered within "
-                                  f"{join_timeout}s: missing {parts}", missing)
-            time.sleep(delay if left is None else min(delay, left))
-            # Capped low: the last peer to register is noticed within 25 ms (a read costs Redis ~0.1 ms).
-            delay = min(delay * 2, 0.025)
-
-    def _missing(self, expected: Mapping[str, int]) -> dict[str, int]:
-        have: dict[str, int] = {}
-        for record in self._members.values():
-            have[record.component_type] = have.get(record.component_type, 0) + 1
-        return {t: n - have.get(t, 0) for t, n in expected.items() if have.get(t, 0) < n}
-
     # ------------------------------------------------------------------------ the view
 
     def absorb(self) -> None:
@@ -191,6 +154,8 @@ class Membership:
         latest: _Members | None = None
         key: bytes | None = None
         news = self._news
+        if news.empty():  # the common case: nothing new (no queue.Empty raised and caught)
+            return
         while True:
             try:
                 item = news.get_nowait()
@@ -224,13 +189,19 @@ class Membership:
                 # Unlisted, but our channel to it is alive: its lease lapsed (the registry restarted, or the
                 # peer cannot reach it), the peer did not die. Keep it; heartbeats say if it does.
                 members[peer] = old[peer]
+        for peer in [p for p, r in members.items() if p in self._left]:
+            if self._left[peer][0] == members[peer].incarnation:
+                del members[peer]  # still listed a moment after its goodbye: it is not coming back as itself
+            else:
+                del self._left[peer]  # a new process under the name of one that left: a new member
         self._members = members
         for peer, record in members.items():
+            self._types[peer] = record.component_type
             previous = old.get(peer)
             if previous is not None and previous.incarnation != record.incarnation:
                 # Restarted under the same name: what was pending with the old process failed, and the channel is
                 # rebuilt even at the same address, so nothing queued for the old process reaches the new one.
-                self._declare_gone(peer, "restarted as a new process")
+                self._declare_gone(peer, "restarted as a new process", loud=True)
                 if peer in self._connected:
                     self._reconnect(peer, record.address)
             elif peer in self._connected:
@@ -241,7 +212,9 @@ class Membership:
                 # A gone peer listed again gets a channel: its handshake ("up") is what brings it back.
                 self.connect(peer)
         for peer in old.keys() - members.keys():
-            self._declare_gone(peer, "left the registry (lease expired or unregistered)")
+            if peer not in self._left:
+                self._declare_gone(peer, "left the registry (lease expired or unregistered)",
+                                   loud=peer in self._connected)
             if peer in self._connected:
                 self._up_seen.discard(peer)
                 self._driver.disconnect(peer)
@@ -269,11 +242,14 @@ class Membership:
             self.connect(peer)
         return self._members[peer]
 
-    def refresh_now(self) -> None:
-        """Read the registry on this thread (one round trip), e.g. for a peer that joined since the last look."""
+    def refresh_now(self, *, quiet: bool = False) -> None:
+        """Read the registry on this thread (one round trip), e.g. for a peer that joined since the last look.
+        RegistryError is logged (`quiet`: raised, for a caller that retries)."""
         try:
             read, members = self._read_members()
         except RegistryError as exc:
+            if quiet:
+                raise
             logger.warning("%s: registry unreachable while looking up a peer: %s", self.name, exc)
             return
         try:
@@ -308,8 +284,8 @@ class Membership:
     def channel_down(self, peer: str) -> None:
         """Our channel to `peer` broke (driver "down")."""
         self._up_seen.discard(peer)
-        if peer in self._members and peer not in self._gone:
-            self._declare_gone(peer, "connection lost")
+        if peer in self._members and peer not in self._gone and peer not in self._left:
+            self._declare_gone(peer, "connection lost", loud=True)
 
     def channel_up(self, peer: str) -> None:
         """Our channel to `peer` completed a handshake (driver "up"): it is live."""
@@ -323,11 +299,25 @@ class Membership:
         """Whether the channel to `peer` was up and has broken, its "down" not yet handled."""
         return peer in self._up_seen and not self._driver.is_up(peer)
 
-    def _declare_gone(self, peer: str, why: str) -> None:
+    def _declare_gone(self, peer: str, why: str, loud: bool) -> None:
         if peer in self._gone:
             return
         self._gone[peer] = time.monotonic()
-        self._listener.peer_gone(peer, why)
+        self._listener.peer_gone(peer, why, loud)
+
+    def peer_left(self, peer: str, incarnation: str, component_type: str) -> None:
+        """`peer` said goodbye after its last message: it is not gone, it left, and its channel is closed."""
+        if self._left.get(peer, ("", 0.0))[0] == incarnation:
+            return
+        self._left[peer] = (incarnation, time.monotonic())
+        self._types.setdefault(peer, component_type)
+        self._gone.pop(peer, None)
+        self._members.pop(peer, None)
+        self._up_seen.discard(peer)
+        if peer in self._connected:
+            self._connected.discard(peer)
+            self._driver.disconnect(peer)
+        self._listener.peer_left(peer)
 
     def forget_after(self, seconds: float, keep: Callable[[str], bool]) -> None:
         """Forget peers gone more than `seconds` ago that are unlisted and not kept by `keep` (something is
@@ -337,12 +327,16 @@ class Membership:
         self._keep_gone = keep
 
     def _forget_long_gone(self) -> None:
-        if not self._gone or self._forget_after is None:
+        if (not self._gone and not self._left) or self._forget_after is None:
             return
         cutoff = time.monotonic() - self._forget_after
         for peer in [p for p, since in self._gone.items() if since < cutoff and p not in self._members]:
             if not self._keep_gone(peer):
                 del self._gone[peer]
+                self._types.pop(peer, None)
+        for peer in [p for p, (_, since) in self._left.items() if since < cutoff and not self._keep_gone(p)]:
+            del self._left[peer]
+            self._types.pop(peer, None)
 
     # ------------------------------------------------------------------------ reading the view
 
@@ -351,6 +345,60 @@ class Membership:
 
     def is_gone(self, peer: str) -> bool:
         return peer in self._gone
+
+    def has_left(self, peer: str) -> bool:
+        return peer in self._left
+
+    def state(self, peer: str) -> str | None:
+        """"up", "gone", "left", or None for a peer not known here."""
+        if peer in self._left:
+            return "left"
+        if peer in self._gone:
+            return "gone"
+        return "up" if peer in self._members else None
+
+    def joined(self, expected: Mapping[str, int]) -> dict[str, int]:
+        """How many more peers of each expected type we still wait for: a listed member counts, and so does one
+        that already left (it registered, talked to us and closed while we were still joining)."""
+        have: dict[str, int] = {}
+        for record in self._members.values():
+            have[record.component_type] = have.get(record.component_type, 0) + 1
+        for peer in self._left:
+            kind = self._types.get(peer, "")
+            have[kind] = have.get(kind, 0) + 1
+        return {t: n - have.get(t, 0) for t, n in expected.items() if have.get(t, 0) < n}
+
+    def up_peers(self) -> list[str]:
+        """Peers whose channel from us is up (listed, not gone, handshake done)."""
+        return sorted(p for p in self._connected if p in self._members and p not in self._gone
+                      and self._driver.is_up(p))
+
+    def not_up(self, expected: Mapping[str, int]) -> list[str]:
+        """Listed members of the expected types whose channel has not completed its handshake."""
+        return sorted(p for p, r in self._members.items()
+                      if r.component_type in expected and p not in self._gone and not self._driver.is_up(p))
+
+    def departed(self, expected: Mapping[str, int]) -> tuple[dict[str, tuple[list[str], float]], list[str]]:
+        """The expected types none of whose peers is live any more: `({type: (gone peers, seconds since the last
+        went)}, [types whose peers all left])`. A type we know no peer of is in neither."""
+        live: set[str] = set()
+        for peer, record in self._members.items():
+            if peer not in self._gone:
+                live.add(record.component_type)
+        gone: dict[str, tuple[list[str], float]] = {}
+        left: set[str] = set()
+        now = time.monotonic()
+        for peer, since in self._gone.items():
+            kind = self._types.get(peer, "")
+            if kind in expected and kind not in live:
+                names, last = gone.get(kind, ([], float("inf")))
+                names.append(peer)
+                gone[kind] = (names, min(last, now - since))
+        for peer in self._left:
+            kind = self._types.get(peer, "")
+            if kind in expected and kind not in live and kind not in gone:
+                left.add(kind)
+        return gone, sorted(left)
 
     def live(self, component_type: str) -> list[str]:
         """Live members of `component_type`, sorted."""

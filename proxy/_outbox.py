@@ -87,6 +87,21 @@ class Outbox:
         self._stats.sent += 1
         return True
 
+    def say(self, message: Message) -> bool:
+        """Send `message` now if its peer's channel takes it at once; never held, never waited for (goodbyes)."""
+        peer = message.destination
+        record = self._membership.record(peer)
+        if record is None:
+            return False
+        self._seq += 1
+        frames = self._codec.encode(message, incarnation=self._incarnation, seq=self._seq,
+                                    to_incarnation=record.incarnation)
+        try:
+            self._driver.send(peer, frames, timeout=0)
+        except (PeerUnreachable, Timeout):
+            return False
+        return True
+
     # ------------------------------------------------------------------------ holding
 
     def _hold(self, peer: str, message: Message) -> None:

@@ -15,6 +15,7 @@ This module imports neither zmq nor redis: the driver and the registry are objec
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -22,9 +23,10 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Generator, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from rallypoint.engine import Message, SessionCatalog, SessionMessage, SessionType, Spec, load_spec
 from rallypoint.engine._book import Arrival, Ended, SessionBook, expects_reply
@@ -33,16 +35,18 @@ from rallypoint.errors import (
     DeliveryRefused,
     Error,
     FrameError,
+    JoinTimeout,
     PeerGone,
     PeerUnreachable,
     ProxyClosed,
+    RegistryError,
     Timeout,
     TransportError,
 )
 
 from ._admission import Admission
 from ._config import UNSET, HoldPolicy, Liveness, Timeouts, deadline_after, time_left
-from ._driver import Driver
+from ._driver import Driver, DriverEvent
 from ._inbox import Inbox
 from ._membership import Membership
 from ._outbox import Outbox
@@ -52,6 +56,14 @@ from ._wire import WireCodec
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
+CONTROL = "rallypoint.control"
+"""The session type of the proxies' own messages (a goodbye); no spec can declare it: spec names take no dots."""
+_LEAVE = "leave"
+DOWN_GRACE = 0.1
+"""Seconds a broken channel waits for its peer's goodbye before the peer counts as gone: a peer that closes
+drops its connection to us while its last frames (the goodbye among them) may still be on the way."""
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./")
 
 
@@ -154,12 +166,14 @@ class Proxy:
         self._stop_requested = threading.Event()
         self._close_lock = threading.Lock()
         self._membership: Membership | None = None
+        self._orphans_reported: set[str] = set()  # gone peers receive() raised PeerGone for already
         try:
             self._join(host, port, codec, max_message_bytes)
         except BaseException:
             self._teardown()
             raise
         self._state = ProxyState.OPEN
+        _open_proxies.add(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -171,7 +185,7 @@ class Proxy:
 
     def _join(self, host: str | None, port: int, codec_name: str, max_message_bytes: int) -> None:
         deadline = deadline_after(self.timeouts.join)
-        key = self._registry.group_key(self.group_name)
+        key = self._until_registry(lambda: self._registry.group_key(self.group_name), deadline)
         self._codec = codec = WireCodec(key, codec=codec_name, max_message_bytes=max_message_bytes)
         bind_host = host if host is not None else _reachable_host(getattr(self._registry, "host", None))
         address = self._driver.bind(bind_host, port)
@@ -190,8 +204,59 @@ class Proxy:
         self._admission = Admission(name=self.name, incarnation=self._incarnation, codec=codec,
                                     membership=membership, dedup_window=self.hold_policy.dedup_window,
                                     stats=self.stats)
-        membership.register(self._record)
-        membership.wait_for(self.expected_peers, deadline, self.timeouts.join)
+        self._until_registry(lambda: membership.register(self._record), deadline)
+        self._wait_for_expected(deadline)
+
+    def _until_registry(self, call: Callable[[], _T], deadline: float | None) -> _T:
+        """`call()`, retried with backoff while the registry cannot be reached, until the join deadline: a
+        registry started a moment after its members is waited for, as an outage is ridden out later."""
+        started = time.monotonic()
+        delay = 0.05
+        while True:
+            try:
+                return call()
+            except RegistryError as exc:
+                left = time_left(deadline)
+                if left is not None and left <= 0:
+                    raise JoinTimeout(f"{self.name}: registry {self._registry!r} unreachable for "
+                                      f"{time.monotonic() - started:.1f}s (join timeout {self.timeouts.join}s): "
+                                      f"{exc}", self.expected_peers) from exc
+                logger.info("%s: registry not reachable yet (%s); retrying", self.name, exc)
+                time.sleep(delay if left is None else min(delay, left))
+                delay = min(delay * 2, 1.0)
+
+    def _wait_for_expected(self, deadline: float | None) -> None:
+        """Wait until `expected_peers` have registered and completed their handshake (or came, talked to us and
+        left meanwhile), taking what they send meanwhile into the inbox; JoinTimeout names who is missing."""
+        membership = self._members()
+        delay, next_read = 0.005, 0.0
+        while True:
+            if time.monotonic() >= next_read:
+                self._until_registry(lambda: membership.refresh_now(quiet=True), deadline)
+                # Polled fast until every expected peer registered (the last one is noticed within 25 ms), then
+                # at the lease keeper's pace while the handshakes complete.
+                missing = membership.joined(self.expected_peers)
+                next_read = time.monotonic() + (delay if missing else self.liveness.refresh)
+                delay = min(delay * 2, 0.025)
+            missing = membership.joined(self.expected_peers)
+            not_up = [] if missing else membership.not_up(self.expected_peers)
+            if not missing and not not_up:
+                return
+            left = time_left(deadline)
+            if left is not None and left <= 0:
+                if missing:
+                    parts = ", ".join(f"{n} more {t!r}" for t, n in sorted(missing.items()))
+                    raise JoinTimeout(f"{self.name} ({self.component_type}) in group {self.group_name!r}: expected "
+                                      f"peers not registered within {self.timeouts.join}s: missing {parts}", missing)
+                by_type: dict[str, int] = {}
+                for peer in not_up:
+                    record = membership.record(peer)
+                    kind = record.component_type if record is not None else "?"
+                    by_type[kind] = by_type.get(kind, 0) + 1
+                raise JoinTimeout(f"{self.name}: registered but not reachable within the join timeout: {not_up}",
+                                  by_type)
+            wait = max(0.0, next_read - time.monotonic())
+            self._pump(wait if left is None else min(wait, left))
 
     def __enter__(self) -> Proxy:
         self._check_open()
@@ -208,10 +273,36 @@ class Proxy:
         with self._close_lock:
             if self._closed_once:
                 return
+            was_open = self._state is ProxyState.OPEN
             self._state = ProxyState.CLOSED
             self._closed_once = True
         self._stop_requested.set()
+        if was_open:
+            self._say_goodbye()
         self._teardown()
+
+    def _say_goodbye(self) -> None:
+        """Tell every peer we have a channel to, or a session with, that we are leaving: after our last message
+        to it, on the same channel, so it takes everything we sent before it hears we left. A peer waiting on
+        us with no channel of ours to it yet gets one, for at most half of `Timeouts.close`."""
+        membership = self._members()
+        owed = {record.peer for record in self._book.live_records()} - set(membership.up_peers())
+        if any(membership.state(peer) is None for peer in owed) and not membership.registry_down:
+            try:  # a peer that wrote to us before our view listed it: look it up once
+                membership.refresh_now(quiet=True)
+            except RegistryError:
+                pass
+        fresh = [peer for peer in owed if membership.state(peer) == "up"]
+        for peer in fresh:
+            try:
+                membership.ensure_channel(peer)
+            except PeerUnreachable:
+                continue
+        if fresh:
+            self._driver.wait_up(fresh, self.timeouts.close / 2)
+        farewell = {"type": self.component_type}
+        for peer in membership.up_peers():
+            self._outbox.say(SessionMessage(_LEAVE, self.name, peer, farewell, CONTROL))
 
     def _teardown(self) -> None:
         if self._membership is not None:
@@ -225,6 +316,7 @@ class Proxy:
         outbox: Outbox | None = getattr(self, "_outbox", None)
         held = outbox.held_count() if outbox is not None else 0
         if held:
+            self.stats.undelivered += held
             logger.warning("%s: closed with %d held messages for gone peers undelivered", self.name, held)
 
     def __del__(self) -> None:
@@ -271,12 +363,10 @@ class Proxy:
         return self._members().view()
 
     def peer_state(self, name: str) -> str | None:
-        """"up" for a listed member that is live, "gone" for one declared gone (crashed, cut off, restarted or
-        unlisted) and not forgotten yet, None for a name this proxy does not know."""
-        membership = self._members()
-        if membership.is_gone(name):
-            return "gone"
-        return "up" if membership.record(name) is not None else None
+        """"up" for a listed member that is live, "left" for one that said goodbye (closed normally), "gone" for
+        one declared gone (crashed, cut off, restarted or unlisted), None for a name this proxy does not know
+        (or forgot: `HoldPolicy.max_age` after it went)."""
+        return self._members().state(name)
 
     def member(self, name: str) -> PeerRecord | None:
         """The registry record of member `name` as this proxy last saw it (None: not listed)."""
@@ -328,8 +418,32 @@ class Proxy:
         return [self._dispatch(message)]
 
     def send(self, message: Message, timeout: float | None | Any = UNSET) -> list[Message]:
-        """Send and wait for the reply; returns the replies (none for a notification)."""
-        return self.receive_by_id(self.isend(message), timeout=timeout)
+        """Send and wait until the session is over: returns its replies (a task: its one reply; a notification:
+        none, at once; a session type of your own: every message received in it until it reached a final
+        state)."""
+        [sid] = self.isend(message)
+        record = self._book.get(sid)
+        if record is None or not record.awaiting:
+            return []  # one-way: whatever the receiver answers comes through receive()
+        if record.kind is None or record.kind.name == SessionType.TASK.value:
+            return self.receive_by_id([sid], timeout=timeout)
+        return self._collect(sid, timeout)
+
+    def _collect(self, session_id: str, timeout: float | None | Any) -> list[Message]:
+        """Every message of `session_id` until its record is no longer waiting for one (final or ended)."""
+        limit = self.timeouts.reply if timeout is UNSET else timeout
+        deadline = deadline_after(limit)
+        got: list[Message] = []
+        while True:
+            left = time_left(deadline)
+            try:
+                got += self.receive_by_id([session_id], timeout=left)
+            except TransportError as exc:
+                exc.replies = got + exc.replies
+                raise
+            record = self._book.get(session_id)
+            if record is None or not record.awaiting:
+                return got
 
     def iscatter(self, tag: Any, session_type: SessionType | str,
                  destination_payload_list: Iterable[tuple[str, Any]]) -> list[str]:
@@ -342,8 +456,14 @@ class Proxy:
     def scatter(self, tag: Any, session_type: SessionType | str,
                 destination_payload_list: Iterable[tuple[str, Any]], timeout: float | None | Any = UNSET
                 ) -> list[Message]:
-        """Send one message per (destination, payload) and wait for every reply."""
-        return self.receive_by_id(self.iscatter(tag, session_type, destination_payload_list), timeout=timeout)
+        """Send one message per (destination, payload) and wait for every reply (none for a notification:
+        answers to one-way messages come through `receive()`)."""
+        return self._replies_to(self.iscatter(tag, session_type, destination_payload_list), timeout)
+
+    def _replies_to(self, session_ids: list[str], timeout: float | None | Any) -> list[Message]:
+        waiting = [sid for sid in session_ids if (record := self._book.get(sid)) is None or record.awaiting
+                   or record.ended is not None]
+        return self.receive_by_id(waiting, timeout=timeout) if waiting else []
 
     def ibroadcast(self, component_type: str, tag: Any, session_type: SessionType | str, payload: Any = None
                    ) -> list[str]:
@@ -364,8 +484,9 @@ class Proxy:
 
     def broadcast(self, component_type: str, tag: Any, session_type: SessionType | str, payload: Any = None,
                   timeout: float | None | Any = UNSET) -> list[Message]:
-        """Send `payload` to every live peer of `component_type` and wait for all their replies."""
-        return self.receive_by_id(self.ibroadcast(component_type, tag, session_type, payload), timeout=timeout)
+        """Send `payload` to every live peer of `component_type` and wait for all their replies (none for a
+        notification: answers to one-way messages come through `receive()`)."""
+        return self._replies_to(self.ibroadcast(component_type, tag, session_type, payload), timeout)
 
     def reply(self, message: Message, tag: Any = None, payload: Any = None, *, event: str | None = None
               ) -> list[str]:
@@ -381,7 +502,12 @@ class Proxy:
                                                     event=event)
         else:
             answer = message.reply_message(self.name, tag=tag, payload=payload)
-        self._send_to_peer(answer)
+        if self._members().has_left(answer.destination):
+            self.stats.undelivered += 1
+            logger.info("%s: %r left the group before this answer in session %s; not sent", self.name,
+                        answer.destination, answer.session_id)
+        else:
+            self._send_to_peer(answer)
         return [answer.session_id]
 
     def forward(self, message: Message, destination: str, tag: Any = None, payload: Any = None) -> list[str]:
@@ -406,7 +532,11 @@ class Proxy:
     def _dispatch(self, message: Message, encoded_payload: tuple[list[Any], int] | None = None) -> str:
         """Start (or continue) the session of a message we originate, and send it."""
         self._check_open()
-        self._members().absorb()
+        self._check_source(message)
+        members = self._members()
+        members.absorb()
+        if members.has_left(message.destination):
+            raise PeerUnreachable(message.destination, f"{message.destination!r} left the group (it closed)")
         kind = self._catalog.require(message.session_type) if isinstance(message, SessionMessage) else None
         record = self._book.open(message, kind)
         sid = message.session_id
@@ -439,9 +569,20 @@ class Proxy:
         return session_ids
 
     def _send_to_peer(self, message: Message, encoded_payload: tuple[list[Any], int] | None = None) -> bool:
+        if not message.destination:
+            raise ConfigError(f"message {message.message_id} names no destination")
         if message.destination == self.name:
             raise ConfigError(f"{self.name!r} cannot send to itself")
         return self._outbox.send(message, encoded_payload)
+
+    def _check_source(self, message: Message) -> None:
+        """A message says who sent it: this proxy. Left out, it is filled in; another name is a mistake that
+        would make the receiver drop the message as a forgery, so it fails here, at the call."""
+        if not message.source:
+            message.source = self.name
+        elif message.source != self.name:
+            raise ConfigError(f"message {message.message_id} has source {message.source!r}, but this proxy is "
+                              f"{self.name!r}: leave source out (the proxy fills it in) or use proxy.name")
 
     # ------------------------------------------------------------------ receiving
 
@@ -455,16 +596,22 @@ class Proxy:
             message = self._inbox.take()
             if message is not None:
                 return message
+            over, wake = self._check_departed()
+            if over:
+                raise self._left_error()
             left = time_left(deadline)
             if left == 0 and polled:
                 raise Timeout(f"{self.name}: no message within {limit}s")
-            self._pump(left)
+            self._pump(_sooner(left, wake))
             polled = True
 
     def receive(self, timeout: float | None | Any = UNSET) -> Generator[Message, None, None]:
-        """Yield incoming messages until `stop()`, or until none came for `timeout` seconds.
+        """Yield incoming messages until `stop()`, or until none came for `timeout` seconds, or until the job is
+        over: every peer of an expected type left (closed normally) and everything they sent was yielded.
 
-        A `stop()` made before the loop starts ends it at once (it is not lost); the loop consumes it.
+        Raises PeerGone when every peer of an expected type has been gone (crashed, cut off) for
+        `Liveness.orphan_after` seconds. A `stop()` made before the loop starts ends it at once (it is not lost);
+        the loop consumes it.
         """
         self._check_open()
         idle = self.timeouts.receive if timeout is UNSET else timeout
@@ -475,10 +622,14 @@ class Proxy:
                 message = inbox.take()
                 polled = False
                 while message is None:
+                    over, wake = self._check_departed()
+                    if over:
+                        logger.info("%s: every %s left; the job is over", self.name, self._left_types())
+                        return
                     left = time_left(deadline)
                     if (left == 0 and polled) or stopped.is_set() or self._state is not ProxyState.OPEN:
                         return
-                    self._pump(left)
+                    self._pump(_sooner(left, wake))
                     polled = True
                     message = inbox.take()
                 yield message
@@ -545,13 +696,44 @@ class Proxy:
                 refused.append((sid, record.ended_peer))
         if gone:
             peers = sorted({peer for _, peer in gone})
-            raise PeerGone(peers[0], f"{self.name}: peer(s) {peers} lost with sessions {[s for s, _ in gone]} "
-                                     "pending", session_ids=[s for s, _ in gone], replies=replies)
+            all_left = all(self._ended(sid) is Ended.LEFT for sid, _ in gone)
+            raise PeerGone(peers[0], f"{self.name}: peer(s) {peers} {'left' if all_left else 'lost'} with "
+                                     f"sessions {[s for s, _ in gone]} pending", session_ids=[s for s, _ in gone],
+                           replies=replies, peers=peers, left=all_left)
         if refused:
             peers = sorted({peer for _, peer in refused})
             raise DeliveryRefused(peers[0], f"{self.name}: messages held for gone peer(s) {peers} expired "
                                             f"(sessions {[s for s, _ in refused]})",
                                   session_ids=[s for s, _ in refused], replies=replies)
+
+    def _check_departed(self) -> tuple[bool, float | None]:
+        """Whether every peer of an expected type left (the job is over); raises PeerGone when every peer of one
+        has been gone for `Liveness.orphan_after` (once for those peers). Also: seconds until that could be."""
+        if not self.expected_peers:
+            return False, None
+        gone, left = self._members().departed(self.expected_peers)
+        orphan_after = self.liveness.orphan_after
+        wake: float | None = None
+        if gone and orphan_after is not None:
+            for kind, (names, since) in sorted(gone.items()):
+                fresh = [peer for peer in names if peer not in self._orphans_reported]
+                if not fresh:
+                    continue
+                if since >= orphan_after:
+                    self._orphans_reported.update(names)
+                    raise PeerGone(names[0], f"{self.name}: every {kind!r} is gone ({sorted(names)}) for "
+                                             f"{since:.1f}s, more than Liveness.orphan_after={orphan_after}s",
+                                   peers=sorted(names))
+                wake = _sooner(wake, orphan_after - since)
+        return bool(left), wake
+
+    def _left_types(self) -> list[str]:
+        return self._members().departed(self.expected_peers)[1]
+
+    def _left_error(self) -> PeerGone:
+        kinds = self._left_types()
+        return PeerGone(kinds[0], f"{self.name}: every {kinds} left the group: no more messages will come",
+                        left=True)
 
     def poll(self, timeout: float | None = 0.0) -> None:
         """Handle what arrives within `timeout` seconds without taking any message: received messages are
@@ -571,6 +753,8 @@ class Proxy:
                 peer_events = peer_events or []
                 peer_events.append(event)
         if peer_events:
+            if any(event.kind == "down" for event in peer_events):
+                self._await_goodbyes(peer_events)
             # After the batch's frames: a reply that reached us together with its sender's "down" counts.
             for event in peer_events:
                 if event.kind == "down":
@@ -578,6 +762,22 @@ class Proxy:
                 elif event.kind == "up":
                     membership.channel_up(event.peer)  # type: ignore[arg-type]
         membership.absorb()
+
+    def _await_goodbyes(self, peer_events: list[DriverEvent]) -> None:
+        """A channel broke: take what arrives for up to DOWN_GRACE seconds, so that the goodbye of a peer that
+        closed (its last frames may trail its closed connection) makes it "left", not "gone"."""
+        membership = self._members()
+        downs = {event.peer for event in peer_events if event.kind == "down"}
+        deadline = time.monotonic() + DOWN_GRACE
+        while any(not membership.has_left(peer) for peer in downs if peer is not None):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for event in self._driver.poll(left):
+                if event.kind == "frames":
+                    self._take_frames(event.frames or ())
+                else:
+                    peer_events.append(event)
 
     def _take_frames(self, frames: Sequence[Any]) -> None:
         envelope = self._admission.admit(frames)
@@ -587,6 +787,9 @@ class Proxy:
             message = envelope.message()
         except FrameError as exc:
             self._admission.drop(exc, envelope.header.source)
+            return
+        if envelope.header.session_type == CONTROL:
+            self._on_control(message, envelope.header.incarnation)
             return
         self.stats.received += 1
         arrival = self._book.arrive(message, self._catalog.get)
@@ -607,6 +810,14 @@ class Proxy:
             logger.error("%s: %d unclaimed messages buffered; dropped the oldest (%s)", self.name,
                          self.max_buffered, evicted.message_id)
 
+    def _on_control(self, message: Message, incarnation: str) -> None:
+        """A message of the proxies' own: a peer's goodbye."""
+        payload = message.payload
+        if message.tag == _LEAVE and isinstance(payload, dict) and isinstance(payload.get("type"), str):
+            self._members().peer_left(message.source, incarnation, payload["type"])
+        else:
+            logger.debug("%s: ignored a control message %r from %r", self.name, message.tag, message.source)
+
     def _note_arrival(self, message: Message, arrival: Arrival) -> None:
         if arrival is Arrival.UNKNOWN_TYPE:
             logger.warning("%s: message %s of unknown session type %r; delivered untracked", self.name,
@@ -620,12 +831,21 @@ class Proxy:
 
     # ------------------------------------------------------------------ what the parts report
 
-    def peer_gone(self, peer: str, why: str) -> None:
+    def peer_gone(self, peer: str, why: str, loud: bool) -> None:
         """Membership: `peer` is gone. Its pending sessions fail, except those whose message is still held
         (they never reached the dead process and wait for its successor)."""
         self.stats.peers_lost += 1
         failed = self._book.end_with_peer(peer, Ended.GONE, keep=self._outbox.held_sessions(peer))
-        logger.warning("%s: peer %r is gone (%s); %d pending sessions failed", self.name, peer, why, len(failed))
+        logger.log(logging.WARNING if loud or failed else logging.INFO, "%s: peer %r is gone (%s); %d pending "
+                   "sessions failed", self.name, peer, why, len(failed))
+
+    def peer_left(self, peer: str) -> None:
+        """Membership: `peer` said goodbye after its last message. Sessions still waiting on it fail (PeerGone,
+        saying it left); messages held for it stay held, for a process that comes back under its name."""
+        self.stats.peers_left += 1
+        failed = self._book.end_with_peer(peer, Ended.LEFT, keep=self._outbox.held_sessions(peer))
+        logger.info("%s: peer %r left the group%s", self.name, peer,
+                    f"; {len(failed)} sessions waiting on it failed" if failed else "")
 
     def peer_back(self, peer: str) -> None:
         """Membership: `peer`'s channel is up again; it gets what was held for it."""
@@ -641,6 +861,27 @@ class Proxy:
         record = self._book.get(message.session_id)
         if record is not None and not record.awaiting and not expects_reply(record.kind):
             self._book.sent_one_way(message.session_id)
+
+
+_open_proxies: weakref.WeakSet[Proxy] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_proxies() -> None:
+    """At interpreter exit, a proxy nobody closed still leaves properly: its peers hear it left (and take what it
+    sent) instead of finding it gone. Each close is bounded by its `Timeouts.close`."""
+    for proxy in list(_open_proxies):
+        try:
+            proxy.close()
+        except Exception:  # noqa: BLE001 - exiting anyway: one proxy's failure must not skip the others
+            logger.debug("closing %r at exit failed", proxy.name, exc_info=True)
+
+
+def _sooner(a: float | None, b: float | None) -> float | None:
+    """The shorter of two waits, where None is forever."""
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
 
 
 def _validate_name(what: str, name: str) -> str:

@@ -22,7 +22,7 @@ from rallypoint.engine import Message, RegisterTable, SessionType
 from rallypoint.errors import Error
 
 
-def run_worker(registry: str, group: str, name: str) -> int:
+def run_worker(registry: str, group: str, name: str, join_timeout: float = 30.0) -> int:
     """One demo worker process: sum what the master sends until it says stop."""
     from rallypoint.proxy import Proxy, dist
 
@@ -35,7 +35,7 @@ def run_worker(registry: str, group: str, name: str) -> int:
         proxy.stop()
 
     with Proxy(group_name=group, component_type="worker", name=name, registry=registry,
-               expected_peers={"master": 1}) as proxy:
+               expected_peers={"master": 1}, join_timeout=join_timeout) as proxy:
 
         @dist(proxy, {"master:sum:1": on_sum, "master:stop:1": on_stop})
         class Worker:
@@ -122,7 +122,8 @@ def demo(workers: int, numbers: int, registry: str | None, timeout: float,
     try:
         for i in range(workers):
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "rallypoint._demo", "worker", registry, group, f"worker_{i + 1:03d}"],
+                [sys.executable, "-m", "rallypoint._demo", "worker", registry, group, f"worker_{i + 1:03d}",
+                 "--join-timeout", str(timeout)],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             ))
         say(f"started {workers} worker processes")
@@ -156,9 +157,10 @@ def _worker_main(argv: list[str]) -> int:
     parser.add_argument("registry")
     parser.add_argument("group")
     parser.add_argument("name")
+    parser.add_argument("--join-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
     try:
-        return run_worker(args.registry, args.group, args.name)
+        return run_worker(args.registry, args.group, args.name, args.join_timeout)
     except Error as exc:  # one line, as the master reports its own errors: not a traceback per worker
         print(f"{args.name}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1

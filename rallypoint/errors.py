@@ -17,7 +17,7 @@
     └── TransportError                 the network or a peer failed us; .replies .session_ids
         ├── Timeout(TimeoutError)      a blocking call ran out of time; .missing
         ├── PeerUnreachable            no live connection to that peer; .peer
-        ├── PeerGone                   the peer died or left while we waited on it; .peer
+        ├── PeerGone                   the peer died or left while we waited on it; .peer .peers .left
         ├── DeliveryRefused            a message could not be held for a gone peer (bound hit); .peer
         └── FrameError                 received frames that were dropped (counted and logged, never fatal)
             ├── MalformedFrame         garbage: frame count, header, version, codec or payload won't decode
@@ -247,7 +247,11 @@ class PeerUnreachable(TransportError):
 
 
 class PeerGone(TransportError):
-    """The peer died or left while we were waiting on it."""
+    """The peer died or left while we were waiting on it.
+
+    `.peers` names every peer the error is about (`.peer` is the first); `.left` is True when they all closed
+    normally (said goodbye) rather than crashed, froze or were cut off.
+    """
 
     def __init__(
         self,
@@ -256,9 +260,14 @@ class PeerGone(TransportError):
         session_ids: Iterable[str] = (),  # also positional, as before `replies` existed
         *,
         replies: Iterable[Message] = (),
+        peers: Iterable[str] = (),
+        left: bool = False,
     ) -> None:
         self.peer = peer
-        super().__init__(message or f"peer {peer!r} is gone", replies=replies, session_ids=session_ids)
+        self.peers: tuple[str, ...] = tuple(peers) or (peer,)
+        self.left = left
+        default = f"peer {peer!r} {'left' if left else 'is gone'}"
+        super().__init__(message or default, replies=replies, session_ids=session_ids)
 
 
 class DeliveryRefused(TransportError):

@@ -177,12 +177,14 @@ def test_join_timeout_names_what_is_missing(registry_url):
     assert "master" in str(info.value) and "ps" in str(info.value)
 
 
-def test_registry_down_at_start_is_a_registry_error(redis_server):
+def test_a_registry_down_at_start_is_retried_until_the_join_timeout(redis_server):
     redis_server.stop()
     started = time.monotonic()
-    with pytest.raises(RegistryError):
-        make_proxy(redis_server.url, new_group(), "worker", timeouts=Timeouts(registry=0.5))
-    assert time.monotonic() - started < 5.0
+    with pytest.raises(RegistryError) as info:  # a JoinTimeout, which is a RegistryError
+        make_proxy(redis_server.url, new_group(), "worker", timeouts=Timeouts(registry=0.5, join=1.5))
+    elapsed = time.monotonic() - started
+    assert isinstance(info.value, JoinTimeout) and 1.4 < elapsed < 5.0
+    assert f"127.0.0.1:{redis_server.port}" in str(info.value) and "unreachable for" in str(info.value)
 
 
 def test_sending_to_a_stranger_is_peer_unreachable(pair):
