@@ -9,7 +9,11 @@ in Redis, with `ns` the namespace (default ``rallypoint``) and `group` the group
 
     {ns}:{group}:peer:{name}   one member's PeerRecord as JSON, with a PX lease
     {ns}:{group}:members       set of member names (an index; stale names are dropped lazily)
-    {ns}:{group}:key           the group's random 32-byte HMAC key, created once by the first member
+    {ns}:{group}:key           the group's random 32-byte HMAC key, created by the first member, with a
+                               TTL (`GROUP_KEY_TTL`) that live members renew (`renew_group_key`)
+
+The group key is only used by groups that run without a secret: with one, the key is derived from it
+(`_trust.py`) and never written here, and each record carries a `signature` made with that key.
 
 Every call is bounded: each attempt by the socket connect and read timeouts, and a connection error is
 retried once, at once (a pooled connection gone stale across a Redis restart); a timeout is not retried.
@@ -46,6 +50,7 @@ from rallypoint.errors import ConfigError, RegistryError
 __all__ = [
     "DEFAULT_URL",
     "GROUP_KEY_BYTES",
+    "GROUP_KEY_TTL",
     "InMemoryRegistry",
     "PeerRecord",
     "RedisRegistry",
@@ -58,6 +63,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "redis://localhost:6379/0"
 GROUP_KEY_BYTES = 32
+# Seconds a group key outlives the last renewal: a group whose members are all gone (or cannot reach the
+# registry) this long loses its key, and the next member to join creates a new one. Renew it far more often.
+GROUP_KEY_TTL = 60.0
 
 _REDACTED = "***"
 
@@ -71,6 +79,9 @@ class PeerRecord:
 
     `incarnation` is random per process start, so a peer that restarts under the same name is told
     apart from its previous life. `started_at` is wall-clock (`time.time()`), for humans only.
+    `signature` (hex) is empty unless the group runs with a secret; then it is `_trust.sign_record`'s MAC
+    over every other field, and records without a valid one are not taken. Older records without the
+    field parse as unsigned.
 
         >>> rec = PeerRecord.new("master", "master", "tcp://127.0.0.1:40123")
         >>> PeerRecord.from_json(rec.to_json()) == rec
@@ -84,6 +95,7 @@ class PeerRecord:
     pid: int
     host: str
     started_at: float
+    signature: str = ""
 
     def __post_init__(self) -> None:
         problem = _record_problem(asdict(self))
@@ -122,7 +134,7 @@ class PeerRecord:
         problem = _record_problem(obj)
         if problem:
             raise RegistryError(f"malformed peer record: {problem}")
-        return cls(**{f.name: obj[f.name] for f in fields(cls)})
+        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})  # absent: the default
 
 
 _STR_FIELDS = ("name", "component_type", "address", "incarnation", "host")
@@ -147,7 +159,15 @@ def _record_problem(obj: Mapping[str, Any]) -> str | None:
         return "missing field 'started_at'"
     if isinstance(started, bool) or not isinstance(started, (int, float)) or not math.isfinite(started):
         return f"field 'started_at' must be a finite number, not {started!r}"
+    signature = obj.get("signature", "")  # optional: records of older versions have none
+    if not isinstance(signature, str):
+        return f"field 'signature' must be a string, not {type(signature).__name__}"
+    if signature.strip(_HEX_DIGITS):
+        return "field 'signature' must be lowercase hex"
     return None
+
+
+_HEX_DIGITS = "0123456789abcdef"
 
 
 # ------------------------------------------------------------------------------------------- protocol
@@ -173,12 +193,20 @@ class Registry(Protocol):
         """The live members by name; malformed entries are logged, counted and skipped."""
         ...
 
-    def group_key(self, group: str, *, create: bool = True) -> bytes:
-        """The group's HMAC key, created atomically by the first caller when `create` is true."""
+    def group_key(self, group: str, *, create: bool = True, ttl: float = GROUP_KEY_TTL) -> bytes:
+        """The group's HMAC key, created atomically by the first caller when `create` is true.
+
+        With `create`, the key (new or not) lives `ttl` seconds from now; without, it is only read.
+        """
         ...
 
-    def ensure_group_key(self, group: str, key: bytes) -> bytes:
-        """Put back a known key if the registry lost it (restart); returns the key the registry now holds."""
+    def ensure_group_key(self, group: str, key: bytes, *, ttl: float = GROUP_KEY_TTL) -> bytes:
+        """Put back a known key if the registry lost it (restart); returns the key the registry now holds,
+        which lives `ttl` seconds from now."""
+        ...
+
+    def renew_group_key(self, group: str, ttl: float = GROUP_KEY_TTL) -> bool:
+        """Let the group's key live `ttl` seconds from now (one round trip); False if there is none."""
         ...
 
     def close(self) -> None:
@@ -456,16 +484,19 @@ class RedisRegistry:
             if not isinstance(exc.__cause__, redis.WatchError):
                 logger.debug("%s", exc)
 
-    def group_key(self, group: str, *, create: bool = True) -> bytes:
-        """The group's key; with `create`, the first caller's random key wins (SET NX, then GET)."""
+    def group_key(self, group: str, *, create: bool = True, ttl: float = GROUP_KEY_TTL) -> bytes:
+        """The group's key; with `create`, the first caller's random key wins (SET NX PX, PEXPIRE, GET in
+        one transaction: the key lives `ttl` seconds from now, whoever made it)."""
         _check_group(group)
         name = self._group_key_key(group)
+        px = _ttl_ms(ttl)
         with self._errors(f"get the key of group {group!r}"):
             if create:
                 pipe = self._client.pipeline(transaction=True)
-                pipe.set(name, secrets.token_bytes(GROUP_KEY_BYTES), nx=True)
+                pipe.set(name, secrets.token_bytes(GROUP_KEY_BYTES), nx=True, px=px)
+                pipe.pexpire(name, px)
                 pipe.get(name)
-                created, key = pipe.execute()
+                created, _, key = pipe.execute()
                 if created:
                     logger.info("created the key of group %r in registry %s", group, self.redacted_url)
             else:
@@ -474,21 +505,32 @@ class RedisRegistry:
             raise RegistryError(f"registry {self.redacted_url} holds no key for group {group!r}")
         return _check_key(key, where=f"registry {self.redacted_url}, group {group!r}")
 
-    def ensure_group_key(self, group: str, key: bytes) -> bytes:
-        """Store `key` unless the registry has one (SET NX); returns the key it holds afterwards."""
+    def ensure_group_key(self, group: str, key: bytes, *, ttl: float = GROUP_KEY_TTL) -> bytes:
+        """Store `key` unless the registry has one (SET NX PX); returns the key it holds afterwards, which
+        lives `ttl` seconds from now (PEXPIRE; one transaction, one round trip)."""
         _check_group(group)
         key = _check_key(key, where="the argument")
         name = self._group_key_key(group)
+        px = _ttl_ms(ttl)
         with self._errors(f"restore the key of group {group!r}"):
             pipe = self._client.pipeline(transaction=True)
-            pipe.set(name, key, nx=True)
+            pipe.set(name, key, nx=True, px=px)
+            pipe.pexpire(name, px)
             pipe.get(name)
-            restored, held = pipe.execute()
+            restored, _, held = pipe.execute()
         if restored:
             logger.warning("registry %s had lost the key of group %r; restored it", self.redacted_url, group)
         if held is None:  # deleted between SET and GET inside MULTI: impossible, but never return None
             raise RegistryError(f"registry {self.redacted_url} holds no key for group {group!r}")
         return _check_key(held, where=f"registry {self.redacted_url}, group {group!r}")
+
+    def renew_group_key(self, group: str, ttl: float = GROUP_KEY_TTL) -> bool:
+        """PEXPIRE the group's key `ttl` seconds from now: one round trip; False if the key is gone (expired or
+        lost with a registry restart), for the caller to put it back with `ensure_group_key`."""
+        _check_group(group)
+        px = _ttl_ms(ttl)
+        with self._errors(f"renew the key of group {group!r}"):
+            return bool(self._client.pexpire(self._group_key_key(group), px))
 
     def close(self) -> None:
         """Close the connection pool; later calls raise RegistryError. Idempotent."""
@@ -532,7 +574,7 @@ class InMemoryRegistry:
         self._entries: dict[
             str, dict[str, tuple[str | bytes, float]]
         ] = {}  # group -> name -> (json, deadline)
-        self._keys: dict[str, bytes] = {}
+        self._keys: dict[str, tuple[bytes, float]] = {}  # group -> (key, deadline)
         self._closed = False
         self.malformed = 0
 
@@ -601,25 +643,54 @@ class InMemoryRegistry:
             live[name] = record
         return live
 
-    def group_key(self, group: str, *, create: bool = True) -> bytes:
-        """The group's key; with `create`, the first caller's random key wins."""
+    def _live_key(self, group: str, now: float) -> bytes | None:
+        """The group's key unless it expired (then dropped). Call with the lock held."""
+        held = self._keys.get(group)
+        if held is not None and held[1] <= now:
+            del self._keys[group]
+            return None
+        return None if held is None else held[0]
+
+    def group_key(self, group: str, *, create: bool = True, ttl: float = GROUP_KEY_TTL) -> bytes:
+        """The group's key; with `create`, the first caller's random key wins, and lives `ttl` s from now."""
         _check_group(group)
+        life = _ttl_ms(ttl) / 1000
         with self._lock:
             self._check_open()
-            if create and group not in self._keys:
-                self._keys[group] = secrets.token_bytes(GROUP_KEY_BYTES)
-            key = self._keys.get(group)
+            now = self._clock()
+            key = self._live_key(group, now)
+            if create:
+                key = key if key is not None else secrets.token_bytes(GROUP_KEY_BYTES)
+                self._keys[group] = (key, now + life)
         if key is None:
             raise RegistryError(f"in-memory registry holds no key for group {group!r}")
         return key
 
-    def ensure_group_key(self, group: str, key: bytes) -> bytes:
-        """Store `key` unless a key is held already; returns the key held afterwards."""
+    def ensure_group_key(self, group: str, key: bytes, *, ttl: float = GROUP_KEY_TTL) -> bytes:
+        """Store `key` unless a key is held already; returns the key held afterwards (living `ttl` s more)."""
         _check_group(group)
         key = _check_key(key, where="the argument")
+        life = _ttl_ms(ttl) / 1000
         with self._lock:
             self._check_open()
-            return self._keys.setdefault(group, key)
+            now = self._clock()
+            held = self._live_key(group, now)
+            held = key if held is None else held
+            self._keys[group] = (held, now + life)
+            return held
+
+    def renew_group_key(self, group: str, ttl: float = GROUP_KEY_TTL) -> bool:
+        """Let the group's key live `ttl` seconds from now; False if it is gone (expired or never made)."""
+        _check_group(group)
+        life = _ttl_ms(ttl) / 1000
+        with self._lock:
+            self._check_open()
+            now = self._clock()
+            key = self._live_key(group, now)
+            if key is None:
+                return False
+            self._keys[group] = (key, now + life)
+            return True
 
     def close(self) -> None:
         """Forget everything; later calls raise RegistryError. Idempotent."""

@@ -7,6 +7,7 @@ The contract tests are parametrized over four backends sharing the same test fun
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -29,6 +30,7 @@ from rallypoint.proxy._embedded import EmbeddedRegistryServer
 from rallypoint.proxy._registry import (
     DEFAULT_URL,
     GROUP_KEY_BYTES,
+    GROUP_KEY_TTL,
     InMemoryRegistry,
     PeerRecord,
     RedisRegistry,
@@ -229,6 +231,61 @@ def test_ensure_group_key_puts_back_and_never_overwrites(reg: Registry) -> None:
         reg.ensure_group_key("g", b"short")
 
 
+def has_key(reg: Registry, group: str) -> bool:
+    """Whether `group` has a key, asked without renewing it."""
+    try:
+        reg.group_key(group, create=False)
+    except RegistryError:
+        return False
+    return True
+
+
+def test_group_key_expires_unless_renewed(reg: Registry) -> None:
+    key = reg.group_key("g", ttl=0.3)
+    renewed_until = time.monotonic() + 0.6  # past the first TTL: only renewing keeps it
+    while time.monotonic() < renewed_until:
+        assert reg.renew_group_key("g", 0.3) is True
+        assert reg.group_key("g", create=False) == key
+        time.sleep(0.05)
+    wait_until(lambda: not has_key(reg, "g"), timeout=3.0)  # nobody renews: gone
+    assert reg.renew_group_key("g", 0.3) is False
+    assert reg.group_key("g") != key  # the next first member makes a new one
+    assert reg.renew_group_key("never-made", 1) is False
+
+
+def test_a_new_member_renews_the_key_it_finds(reg: Registry) -> None:
+    key = reg.group_key("g", ttl=0.3)
+    assert reg.group_key("g", ttl=30) == key  # another member joining: same key, now 30 s to live
+    started = time.monotonic()
+    while time.monotonic() - started < 0.6:  # the first TTL passes; the key stays
+        assert reg.group_key("g", create=False) == key
+        time.sleep(0.05)
+
+
+def test_ensure_group_key_restores_with_a_ttl(reg: Registry) -> None:
+    known = b"k" * GROUP_KEY_BYTES
+    assert reg.ensure_group_key("g", known, ttl=0.3) == known
+    wait_until(lambda: not has_key(reg, "g"), timeout=3.0)
+    assert reg.ensure_group_key("g", known, ttl=30) == known  # put back after it expired
+    assert reg.renew_group_key("g", 30) is True
+
+
+def test_group_key_ttl_must_be_positive(reg: Registry) -> None:
+    for ttl in (0, -1, float("nan"), float("inf"), "1", True):
+        with pytest.raises(ConfigError):
+            reg.group_key("g", ttl=ttl)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError):
+            reg.renew_group_key("g", ttl)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError):
+            reg.ensure_group_key("g", b"k" * GROUP_KEY_BYTES, ttl=ttl)  # type: ignore[arg-type]
+
+
+def test_signed_records_round_trip_through_the_registry(backend: Backend, reg: Registry) -> None:
+    signed = dataclasses.replace(rec("w"), signature="ab" * 36)
+    reg.register("g", signed, ttl=10)
+    assert backend.make().members("g") == {"w": signed}
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
@@ -265,6 +322,10 @@ def test_malformed_entries_are_skipped_and_counted(
         {"started_at": float("inf")},
         {"name": 7},
         {"address": ""},
+        {"signature": 7},
+        {"signature": None},
+        {"signature": "not hex"},
+        {"signature": "ABCD"},  # hex, but not as written: lowercase only
         {"name": "somebody_else"},  # the entry under "bad" claims another name
     ],
 )
@@ -338,7 +399,7 @@ def test_layout_and_lease_live_in_redis(backend: Backend, reg: Registry) -> None
     assert 4000 < raw.pttl(f"{NS}:g:peer:w") <= 5000  # the lease runs on Redis's clock
     key = reg.group_key("g")
     assert raw.get(f"{NS}:g:key") == key
-    assert raw.pttl(f"{NS}:g:key") == -1  # the group key does not expire
+    assert GROUP_KEY_TTL * 1000 - 5000 < raw.pttl(f"{NS}:g:key") <= GROUP_KEY_TTL * 1000  # it expires
 
 
 def test_expired_names_are_dropped_from_the_index(backend: Backend, reg: Registry) -> None:
@@ -390,6 +451,20 @@ def test_peer_record_constructor_validates() -> None:
         PeerRecord("", "w", "tcp://x", "inc", 1, "h", 0.0)
     with pytest.raises(ConfigError):
         PeerRecord("n", "w", "tcp://x", "inc", "1", "h", 0.0)  # type: ignore[arg-type]
+
+
+def test_peer_record_signature_field() -> None:
+    record = PeerRecord.new("w", "worker", "tcp://127.0.0.1:1")
+    assert record.signature == ""  # unsigned unless the group runs with a secret
+    assert [f.name for f in dataclasses.fields(PeerRecord)][-1] == "signature"
+    signed = dataclasses.replace(record, signature="0f" * 36)
+    assert json.loads(signed.to_json())["signature"] == "0f" * 36
+    assert PeerRecord.from_json(signed.to_json()) == signed
+    older = json.loads(record.to_json())
+    del older["signature"]  # written by a version that had no signatures
+    assert PeerRecord.from_json(json.dumps(older)) == record
+    with pytest.raises(ConfigError, match="signature"):
+        dataclasses.replace(record, signature=b"00")  # type: ignore[arg-type]
 
 
 def test_from_json_raises_registry_error() -> None:
@@ -548,6 +623,7 @@ def test_acl_user_with_least_privilege(redis_server: Any) -> None:
         "+del",
         "+sadd",
         "+srem",
+        "+pexpire",
         "+smembers",
         "+multi",
         "+exec",
@@ -562,6 +638,7 @@ def test_acl_user_with_least_privilege(redis_server: Any) -> None:
     assert reg.refresh("g", record, ttl=0.2) is True
     key = reg.group_key("g")
     assert reg.ensure_group_key("g", key) == key
+    assert reg.renew_group_key("g", 30) is True
     wait_until(lambda: reg.members("g") == {}, timeout=3)  # includes the WATCH/MULTI cleanup path
     reg.register("g", record, ttl=10)
     reg.unregister("g", "w")
