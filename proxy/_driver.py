@@ -53,6 +53,21 @@ class Driver(Protocol):
     address: str
     """Where peers reach us (e.g. "tcp://127.0.0.1:40123"); set by `bind()`."""
 
+    @property
+    def refused_handshakes(self) -> int:
+        """Inbound connections refused because `accept` rejected their credential (see `require_token`)."""
+        ...
+
+    def require_token(self, token: bytes, accept: Callable[[bytes], bool]) -> None:
+        """Admit only members (call before `bind()`/`connect()`): an inbound connection is refused at its
+        handshake unless `accept(credential)` is true, before it can deliver anything; our connections
+        present `token`. `accept` may run in another thread: thread-safe, quick, no driver calls."""
+        ...
+
+    def set_token(self, token: bytes) -> None:
+        """What new outbound connections present from now on; a channel not up yet retries with it."""
+        ...
+
     def bind(self, host: str, port: int = 0) -> str:
         """Start accepting frames on `host:port` (0: any free port); returns and sets `address`."""
         ...
@@ -144,10 +159,23 @@ class InMemoryNetwork:
         """Every channel to `address` goes up or down (caller holds the lock)."""
         for d in self._drivers:
             for peer, addr in d._peers.items():
-                if addr == address and (peer in d._up) != up:
+                if addr == address and (peer in d._up) != up and (not up or self._admits(d, address)):
                     (d._up.add if up else d._up.discard)(peer)
                     d._events.append(DriverEvent("up" if up else "down", peer))
         self._cond.notify_all()
+
+    def _admits(self, client: InMemoryDriver, address: str) -> bool:
+        """The handshake of `client` with the driver bound at `address` (caller holds the lock)."""
+        server = self._bound[address]
+        if server._accept is None:
+            return True
+        try:
+            ok = bool(server._accept(client._token or b""))
+        except Exception:
+            ok = False
+        if not ok:
+            server.refused_handshakes += 1
+        return ok
 
     def _wait(self, predicate: Callable[[], object] | None, timeout: float | None) -> None:
         """`_cond.wait_for(predicate, timeout)` (or `wait(timeout)`), counted in `_sleepers` (caller holds the lock)."""
@@ -173,10 +201,35 @@ class InMemoryDriver:
         self._events: list[DriverEvent] = []  # swapped for a new list by poll()
         self._woken = False
         self._closed = False
+        self._token: bytes | None = None
+        self._accept: Callable[[bytes], bool] | None = None
+        self.refused_handshakes = 0
 
     def _check_open(self) -> None:
         if self._closed:
             raise ProxyClosed("the driver is closed")
+
+    def require_token(self, token: bytes, accept: Callable[[bytes], bool]) -> None:
+        with self._cond:
+            self._check_open()
+            if self.address or self._peers:
+                raise ConfigError("require_token() must come before bind() and connect()")
+            if self._accept is not None:
+                raise ConfigError("require_token() was already called: use set_token() to change the token")
+            self.set_token(token)
+            self._accept = accept
+
+    def set_token(self, token: bytes) -> None:
+        with self._cond:
+            self._check_open()
+            if not isinstance(token, bytes) or not 1 <= len(token) <= 255:
+                raise ConfigError("a token is 1 to 255 bytes")
+            self._token = token
+            for peer, address in self._peers.items():  # channels refused so far try again
+                if peer not in self._up and address in self._net._bound and self._net._admits(self, address):
+                    self._up.add(peer)
+                    self._events.append(DriverEvent("up", peer))
+            self._cond.notify_all()
 
     def bind(self, host: str, port: int = 0) -> str:
         with self._cond:
@@ -198,7 +251,7 @@ class InMemoryDriver:
                 return
             self._up.discard(peer)
             self._peers[peer] = address
-            if address in self._net._bound:
+            if address in self._net._bound and self._net._admits(self, address):
                 self._up.add(peer)
                 self._events.append(DriverEvent("up", peer))
                 self._cond.notify_all()

@@ -35,11 +35,26 @@ Receiving: `recv(copy=False)` per part; frames shorter than `copy_threshold` are
 longer ones as memoryviews of the zmq message (writable, zero copy). Sending: `send(copy=False)` per part,
 which pyzmq copies below `copy_threshold` and sends zero-copy above it.
 
+Membership at the handshake (`require_token`, before bind/connect): the inbound socket becomes a PLAIN
+server (CURVE with curve=True) with its own ZAP domain, and a ZAP handler thread, one per ZeroMQ context
+(`_Gatekeeper`, bound at inproc://zeromq.zap.01, which libzmq looks up per context), answers each handshake
+by calling the owner's `accept(credential)`: the client's PLAIN password, or its CURVE public key (Z85, as in
+its address). A refused connection is closed by libzmq before any message frame is decoded. The same thread
+watches the inbound socket's handshake failures (refused credentials, wrong mechanism, garbage greetings),
+counts them in `refused_handshakes` and logs them at most once per `_LOG_EVERY` seconds with a count.
+
 Two libzmq properties callers should know (measured here):
 
 - A receiver whose inbound queue is at RCVHWM stops reading its TCP stream, so it stops answering ZMTP
   heartbeats too: a consumer that leaves RCVHWM messages unread for longer than heartbeat_timeout is
   declared "down" by its senders, exactly like a frozen process (at the protocol level they look the same).
+- ZMQ_MAXMSGSIZE (max_message_bytes) bounds each *part*, not a message, checked on the part's size header
+  before anything is allocated: a larger part drops the connection at once. It also bounds the commands of
+  the handshake, which libzmq decodes whole before the mechanism sees them: a stranger can make us buffer up
+  to max_message_bytes per connection before being refused (800 MB buffered from a PLAIN HELLO announcing
+  1 GiB with a 1 GiB limit; reset at once with a 1 MiB limit). Nothing in libzmq bounds the number of parts
+  of one message: a peer past the handshake can send one that never ends, buffered whole (RCVHWM counts
+  whole messages).
 - Frames in flight when a connection breaks are lost (in kernel buffers or half-written); ZeroMQ has no
   end-to-end acknowledgement. Sessions above the driver must treat "down" as "outcome unknown".
 """
@@ -56,10 +71,11 @@ import struct
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import zmq
+from zmq.utils import z85
 
 from rallypoint.errors import ConfigError, PeerUnreachable, ProxyClosed, Timeout, TransportError
 
@@ -136,12 +152,15 @@ def _zmq_errors(what: str, peer: str | None = None) -> Iterator[None]:
 class _Channel:
     """Our outbound connection to one peer."""
 
-    __slots__ = ("address", "rid", "endpoints")
+    __slots__ = ("address", "rid", "endpoints", "token", "log", "failures")
 
-    def __init__(self, address: str, rid: bytes, endpoints: set[bytes]) -> None:
+    def __init__(self, address: str, rid: bytes, endpoints: set[bytes], token: bytes | None) -> None:
         self.address = address
         self.rid = rid
         self.endpoints = endpoints
+        self.token = token  # what this channel presents (PLAIN), fixed when libzmq made the connection
+        self.log = _RateLimitedLog()  # failed handshakes with this peer
+        self.failures = 0  # failed handshakes in a row
 
 
 _CURVE_MARK = "#curve="
@@ -155,6 +174,232 @@ def _split_curve(address: str) -> tuple[str, bytes | None]:
     if len(key) != 40:
         raise ConfigError(f"bad CURVE public key in address {address!r}: want 40 Z85 characters")
     return endpoint, key.encode("ascii")
+
+
+# ------------------------------------------------------------------------------ membership (ZAP)
+
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by the ZAP spec (rfc.zeromq.org/spec/27); one per context
+_PLAIN_USER = b"rallypoint"  # PLAIN wants a non-empty user name; only the password is checked
+_LOG_EVERY = 5.0  # seconds between two log lines about refused handshakes (per driver, per peer)
+_INBOUND_FAILED = _HANDSHAKE_FAILED  # the inbound monitor's events: every kind of failed handshake
+_GATE_IDS = itertools.count(1)
+
+
+class _RateLimitedLog:
+    """At most one warning per `every` seconds; the next line says how many were held back meanwhile."""
+
+    __slots__ = ("every", "_last", "_held")
+
+    def __init__(self, every: float = _LOG_EVERY) -> None:
+        self.every = every
+        self._last = -math.inf
+        self._held = 0
+
+    def warn(self, message: str, *args: object, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._held += 1
+            return
+        held, self._held, self._last = self._held, 0, now
+        if held:
+            logger.warning(message + " (and %d more since the last report)", *args, held, exc_info=exc_info)
+        else:
+            logger.warning(message, *args, exc_info=exc_info)
+
+    def flush(self, message: str, *args: object) -> float | None:
+        """Log the held-back count once its window is over; returns seconds until then (None: nothing held)."""
+        if not self._held:
+            return None
+        left = self._last + self.every - time.monotonic()
+        if left > 0:
+            return left
+        logger.warning(message, *args, self._held)
+        self._held, self._last = 0, time.monotonic()
+        return None
+
+
+class _Gate:
+    """One driver's door: its ZAP domain, `accept`, its refusal count and log. Shared with the ZAP thread,
+    which alone writes `refused` (ints are read atomically by the owner)."""
+
+    def __init__(self, accept: Callable[[bytes], bool], curve: bool) -> None:
+        self.accept = accept
+        self.curve = curve
+        self.domain = f"rallypoint-{os.getpid()}-{next(_GATE_IDS)}".encode()
+        self.monitor_endpoint = f"inproc://{self.domain.decode()}-inbound"
+        self.address = ""
+        self.refused = 0
+        self.last_peer = "?"
+        self.log = _RateLimitedLog()
+
+    def check(self, mechanism: bytes, credentials: list[bytes]) -> bool:
+        """The ZAP decision for one handshake: a few dict/bytes operations plus `accept`."""
+        try:
+            if mechanism == b"PLAIN" and not self.curve and len(credentials) == 2:
+                return bool(self.accept(credentials[1]))
+            if mechanism == b"CURVE" and self.curve and len(credentials) == 1 and len(credentials[0]) == 32:
+                return bool(self.accept(z85.encode(credentials[0])))
+        except Exception:  # the owner's callable failed: refuse, and say so (rate-limited)
+            self.log.warn("rallypoint %s: accept() raised; handshake refused", self.address, exc_info=True)
+        return False
+
+    def refused_one(self) -> None:
+        self.refused += 1
+        self.log.warn("rallypoint %s refused a handshake (not a member of the group), latest from %s",
+                      self.address, self.last_peer)
+
+    def flush_log(self) -> float | None:
+        return self.log.flush("rallypoint %s refused %d more handshakes (not members of the group)",
+                              self.address)
+
+
+class _Gatekeeper(threading.Thread):
+    """The ZAP handler of one ZeroMQ context, for every gated driver on it, in a thread of its own.
+
+    Owns only its own sockets: the ZAP ROUTER and one monitor PAIR per gated inbound socket. Drivers talk to
+    it through `add()`/`remove()` (a command list plus a wake-up pipe). Per handshake: one recv_multipart,
+    a dict look-up, `accept`, one send_multipart.
+    """
+
+    _lock = threading.Lock()
+    _by_context: dict[int, _Gatekeeper] = {}
+
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
+        super().__init__(name="rallypoint-zap", daemon=True)
+        self._ctx = ctx
+        self._gates: dict[bytes, _Gate] = {}
+        self._monitors: dict[bytes, zmq.Socket[Any]] = {}  # domain -> PAIR on that gate's inbound monitor
+        self._commands: list[tuple[str, _Gate, threading.Event]] = []
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        zap = ctx.socket(zmq.ROUTER)
+        zap.setsockopt(zmq.LINGER, 0)
+        try:
+            zap.bind(_ZAP_ENDPOINT)
+        except zmq.ZMQError as exc:
+            zap.close(0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise ConfigError(f"this ZeroMQ context already has a ZAP handler ({exc}): give the driver a "
+                              "context of its own to use require_token()") from exc
+        self._zap = zap
+
+    @classmethod
+    def add(cls, ctx: zmq.Context[Any], gate: _Gate) -> None:
+        """Start answering for `gate` (and watching its inbound monitor); starts the context's thread."""
+        with cls._lock:
+            keeper = cls._by_context.get(id(ctx))
+            if keeper is None:
+                keeper = cls._by_context[id(ctx)] = _Gatekeeper(ctx)
+                keeper.start()
+            keeper._command("add", gate)
+
+    @classmethod
+    def remove(cls, ctx: zmq.Context[Any], gate: _Gate) -> None:
+        """Stop answering for `gate`; the last gate of a context stops its thread (closing its sockets)."""
+        with cls._lock:
+            keeper = cls._by_context.get(id(ctx))
+            if keeper is None:
+                return
+            keeper._command("remove", gate)
+            if not keeper._gates:
+                del cls._by_context[id(ctx)]
+                keeper._command("stop", gate)
+                keeper.join(5.0)
+
+    def _command(self, what: str, gate: _Gate) -> None:
+        done = threading.Event()
+        self._commands.append((what, gate, done))
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\x01")
+        if not done.wait(5.0) and self.is_alive():
+            raise TransportError(f"the ZAP handler thread did not answer {what!r} within 5s")
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._zap, _POLLIN)
+        poller.register(self._wake_r, _POLLIN)
+        by_socket: dict[zmq.Socket[Any], _Gate] = {}
+        wait: float | None = None
+        try:
+            while True:
+                for sock, _ in poller.poll(None if wait is None else _ms(wait)):
+                    if sock is self._zap:
+                        self._answer()
+                    elif sock == self._wake_r:
+                        with contextlib.suppress(OSError):
+                            os.read(self._wake_r, 4096)
+                        if not self._run_commands(poller, by_socket):
+                            return
+                    else:
+                        self._drain(sock, by_socket[sock])
+                flushes = [w for w in (g.flush_log() for g in self._gates.values()) if w is not None]
+                wait = min(flushes) if flushes else None
+        finally:
+            for mon in self._monitors.values():
+                mon.close(0)
+            self._zap.close(0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            for _, _, done in self._commands:
+                done.set()
+
+    def _run_commands(self, poller: zmq.Poller, by_socket: dict[zmq.Socket[Any], _Gate]) -> bool:
+        while self._commands:
+            what, gate, done = self._commands.pop(0)
+            if what == "stop":
+                self._commands.insert(0, (what, gate, done))  # set in run()'s finally, after the sockets close
+                return False
+            if what == "add":
+                self._gates[gate.domain] = gate
+                mon = self._ctx.socket(zmq.PAIR)
+                mon.setsockopt(zmq.LINGER, 0)
+                mon.connect(gate.monitor_endpoint)
+                self._monitors[gate.domain] = mon
+                by_socket[mon] = gate
+                poller.register(mon, _POLLIN)
+            else:
+                self._gates.pop(gate.domain, None)
+                mon = self._monitors.pop(gate.domain, None)
+                if mon is not None:
+                    poller.unregister(mon)
+                    del by_socket[mon]
+                    mon.close(0)
+            done.set()
+        return True
+
+    def _answer(self) -> None:
+        """One ZAP request: [routing id, b"", version, request id, domain, address, identity, mechanism,
+        *credentials] -> [routing id, b"", version, request id, status, text, user id, metadata]."""
+        try:
+            request = self._zap.recv_multipart(_NOBLOCK)
+        except zmq.Again:
+            return
+        if len(request) < 8:
+            return  # not a ZAP request; libzmq never sends one
+        rid, _, version, request_id, domain, address, _, mechanism, *credentials = request
+        gate = self._gates.get(domain)
+        if gate is None:  # a socket of this context that did not ask for a gate: what libzmq does without one
+            ok = mechanism != b"PLAIN"
+        else:
+            ok = gate.check(mechanism, credentials)
+            if not ok:
+                gate.last_peer = address.decode(errors="replace")
+        status = (b"200", b"OK") if ok else (b"400", b"not a member of this group")
+        with contextlib.suppress(zmq.ZMQError):
+            self._zap.send_multipart([rid, b"", version, request_id, *status, b"", b""], _NOBLOCK)
+
+    def _drain(self, mon: zmq.Socket[Any], gate: _Gate) -> None:
+        """Count the failed handshakes the inbound monitor reported (refused by us, or not speaking our
+        mechanism at all)."""
+        while True:
+            try:
+                parts = mon.recv_multipart(_NOBLOCK)
+            except zmq.ZMQError:
+                return
+            if len(parts) >= 2 and len(parts[0]) >= 6 and _EVENT_HEADER.unpack_from(parts[0])[0] & _INBOUND_FAILED:
+                gate.refused_one()
 
 
 class ZmqDriver:
@@ -179,7 +424,12 @@ class ZmqDriver:
     pair, and its `address` carries the public key (`tcp://host:port#curve=<z85 key>`), so the registry
     hands it to peers with the address; a connection is only set up to a peer that proves it holds the
     secret key of the address it advertised. Incoming connections are not filtered by client key: every
-    frame is authenticated by the wire MAC anyway. All members of a group must agree on `curve`.
+    frame is authenticated by the wire MAC anyway, unless `require_token()` gates them (see there). All
+    members of a group must agree on `curve`.
+
+    Membership at the handshake: `require_token(token, accept)` (before bind/connect) refuses every
+    connection whose credential `accept` rejects before it can send a single message frame, and presents
+    `token` on our own connections; `refused_handshakes` counts refusals.
 
     All methods are for the owner's thread, except `wakeup()` (any thread, or a signal handler).
     """
@@ -218,6 +468,11 @@ class ZmqDriver:
         self._copy_threshold = copy_threshold
         self._advertise_host = advertise_host
         self._curve: tuple[bytes, bytes] | None = zmq.curve_keypair() if curve else None
+        self._gate: _Gate | None = None
+        self._gate_open = False  # registered with the context's ZAP handler (bind() did it)
+        self._token: bytes | None = None
+        self._reconnect_ivl = reconnect_ivl
+        self._retries: dict[str, float] = {}  # peer -> when to reopen its channel after a failed handshake
         self._own_context = context is None
         self._ctx = zmq.Context() if context is None else context
         self._in: zmq.Socket[Any] | None = None
@@ -274,6 +529,59 @@ class ZmqDriver:
         if self._closed:
             raise ProxyClosed("the driver is closed")
 
+    # ------------------------------------------------------------------------------- membership
+
+    def require_token(self, token: bytes, accept: Callable[[bytes], bool]) -> None:
+        """Admit only members: call before `bind()` and `connect()`.
+
+            >>> with ZmqDriver() as a, ZmqDriver() as b:
+            ...     b.require_token(b"t1", lambda credential: credential == b"t1")
+            ...     a.require_token(b"t1", lambda credential: credential == b"t1")
+            ...     a.connect("b", b.bind("127.0.0.1"))
+            ...     a.wait_up(["b"], 5.0)
+            set()
+
+        Inbound: a connection completes its handshake only if `accept(credential)` is true, where the
+        credential is the client's PLAIN password (its `token`) or, with curve=True, its CURVE public key
+        (the 40 Z85 characters after "#curve=" in that member's address: CURVE clients prove their key pair,
+        so an allow-list of member keys is the gate and `token` is not sent). Anything else (no credential,
+        another mechanism, a garbage greeting) is refused; every refusal counts in `refused_handshakes` and
+        is logged at most once per 5 s with a count. `accept` runs in the ZAP handler's thread, once per
+        handshake: it must be thread-safe and quick, and must not call the driver. An exception refuses.
+        Outbound: every connection presents `token` (see `set_token`). PLAIN sends the token in the clear:
+        derive it from the group key (never the key itself) and use curve=True where the network can be
+        read by strangers.
+        """
+        self._check_open()
+        if self._in is not None or self._peers:
+            raise ConfigError("require_token() must come before bind() and connect()")
+        if self._gate is not None:
+            raise ConfigError("require_token() was already called: use set_token() to change the token")
+        if not callable(accept):
+            raise ConfigError(f"accept must be callable, got {accept!r}")
+        self.set_token(token)
+        self._gate = _Gate(accept, curve=self._curve is not None)
+
+    def set_token(self, token: bytes) -> None:
+        """What new outbound connections present from now on (1..255 bytes). Channels already up keep theirs
+        until they break; one that is not up, or breaks later, is reopened with the new token."""
+        self._check_open()
+        if not isinstance(token, bytes) or not 1 <= len(token) <= 255:
+            raise ConfigError("a token is 1 to 255 bytes")
+        self._token = token
+        if self._curve is None:
+            with _zmq_errors("cannot set the token"):
+                self._out.setsockopt(zmq.PLAIN_USERNAME, _PLAIN_USER)
+                self._out.setsockopt(zmq.PLAIN_PASSWORD, token)
+            for peer, channel in list(self._peers.items()):
+                if peer not in self._up and channel.token != token:
+                    self._reopen(peer, channel)
+
+    @property
+    def refused_handshakes(self) -> int:
+        """How many inbound handshakes were refused since `bind()` (0 without `require_token`)."""
+        return self._gate.refused if self._gate is not None else 0
+
     # --------------------------------------------------------------------------------- bind/connect
 
     def bind(self, host: str, port: int = 0) -> str:
@@ -292,6 +600,7 @@ class ZmqDriver:
             self._configure_inbound(sock, url, ipv6)
             endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except BaseException:
+            self._close_gate()
             sock.close(0)
             raise
         if host.strip("[]") in _WILDCARD_HOSTS:
@@ -317,8 +626,19 @@ class ZmqDriver:
             if self._curve is not None:
                 sock.setsockopt(zmq.CURVE_SERVER, 1)
                 sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve[1])
+            gate = self._gate
+            if gate is not None:
+                if self._curve is None:
+                    sock.setsockopt(zmq.PLAIN_SERVER, 1)
+                sock.setsockopt(zmq.ZAP_DOMAIN, gate.domain)
+                gate.address = url
+                sock.monitor(gate.monitor_endpoint, _INBOUND_FAILED)
+                _Gatekeeper.add(self._ctx, gate)
+                self._gate_open = True
             self._heartbeats(sock)
             sock.bind(url)
+            if gate is not None:
+                gate.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def connect(self, peer: str, address: str) -> None:
         """Open (or move) the outbound channel to `peer`; "up" follows once the ZMTP handshake completes."""
@@ -335,6 +655,9 @@ class ZmqDriver:
                 self._drop(other, ch)
                 logger.info("channel to %r displaced: %r now connects to %s", other, peer, address)
                 self._pending.append(DriverEvent("down", other))
+        self._open(peer, address)
+
+    def _open(self, peer: str, address: str) -> None:
         rid = f"{next(self._generation)}:{peer}".encode()
         if len(rid) > 255:
             raise ConfigError(f"peer name too long for a ZeroMQ routing id: {peer[:40]!r}...")
@@ -354,7 +677,7 @@ class ZmqDriver:
         resolved = _resolved(endpoint)
         if resolved is not None:
             endpoints.add(resolved.encode())
-        self._peers[peer] = _Channel(address, rid, endpoints)
+        self._peers[peer] = _Channel(address, rid, endpoints, self._token)
         for ep in endpoints:
             self._by_endpoint[ep] = peer
 
@@ -369,11 +692,37 @@ class ZmqDriver:
     def _drop(self, peer: str, channel: _Channel) -> None:
         del self._peers[peer]
         self._up.discard(peer)
+        self._retries.pop(peer, None)
         for ep in channel.endpoints:
             if self._by_endpoint.get(ep) == peer:
                 del self._by_endpoint[ep]
         with contextlib.suppress(zmq.ZMQError):  # ENOENT: libzmq already forgot the endpoint
             self._out.disconnect(_split_curve(channel.address)[0])
+
+    def _reopen(self, peer: str, channel: _Channel) -> None:
+        """A fresh connection for a channel that presents an old token (libzmq's own reconnects would keep
+        presenting the one of the original connect())."""
+        self._drop(peer, channel)
+        self._open(peer, channel.address)
+        self._peers[peer].log = channel.log
+        self._peers[peer].failures = channel.failures
+
+    def _retry_due(self) -> float | None:
+        """Reopen the channels whose retry time has come; returns seconds until the next one (None: none).
+
+        libzmq does not reconnect after a refused handshake (ZAP status 400, or another mechanism), so a
+        channel refused while the peer did not know our token (or key) yet would stay down for good."""
+        now = time.monotonic()
+        nearest: float | None = None
+        for peer, when in list(self._retries.items()):
+            if when <= now:
+                del self._retries[peer]
+                channel = self._peers.get(peer)
+                if channel is not None and peer not in self._up:
+                    self._reopen(peer, channel)
+            elif nearest is None or when - now < nearest:
+                nearest = when - now
+        return nearest
 
     # ---------------------------------------------------------------------------------- liveness
 
@@ -401,6 +750,10 @@ class ZmqDriver:
 
     def _wait_monitor(self, seconds: float | None) -> None:
         """Block until a monitor event (or `seconds`), then fold the events into the state."""
+        if self._retries:
+            retry = self._retry_due()
+            if retry is not None and (seconds is None or retry < seconds):
+                seconds = retry
         with _zmq_errors("waiting for peer handshakes"):
             self._mon.poll(_ms(seconds))
             self._out.getsockopt(_EVENTS)  # let the outbound socket process its commands
@@ -425,16 +778,24 @@ class ZmqDriver:
         if peer is None:
             return  # a channel we dropped, or libzmq's own housekeeping
         if event == _HANDSHAKE_SUCCEEDED:
+            self._peers[peer].failures = 0
+            self._retries.pop(peer, None)
             if peer not in self._up:
                 self._up.add(peer)
                 self._pending.append(DriverEvent("up", peer))
         elif event == _DISCONNECTED or event & _HANDSHAKE_FAILED:
-            if event & _HANDSHAKE_FAILED:
-                logger.warning("handshake with %r at %s failed (zmq event %#x, value %d)",
-                               peer, parts[1].decode(errors="replace"), event, value)
+            channel = self._peers[peer]
+            if event & _HANDSHAKE_FAILED:  # retried with backoff (see _retry_due): one line per 5 s at most
+                channel.log.warn("handshake with %r at %s failed (zmq event %#x, value %d)",
+                                 peer, parts[1].decode(errors="replace"), event, value)
+                channel.failures += 1
+                backoff = min(self._reconnect_ivl * 2 ** min(channel.failures - 1, 16), 2.0)
+                self._retries[peer] = time.monotonic() + backoff
             if peer in self._up:
                 self._up.discard(peer)
                 self._pending.append(DriverEvent("down", peer))
+            if channel.token != self._token:
+                self._reopen(peer, channel)
 
     # ------------------------------------------------------------------------------------- send
 
@@ -529,7 +890,12 @@ class ZmqDriver:
         deadline = deadline_after(timeout)
         inbound = self._in
         while True:
-            wait = 0 if self._pending else _ms(time_left(deadline))
+            left = time_left(deadline)
+            if self._retries:
+                retry = self._retry_due()
+                if retry is not None and (left is None or retry < left):
+                    left = retry
+            wait = 0 if self._pending else _ms(left)
             try:
                 ready = self._poller.poll(wait)
             except zmq.ZMQError:
@@ -605,6 +971,10 @@ class ZmqDriver:
         if out is not None and not out.closed:
             with contextlib.suppress(zmq.ZMQError):
                 out.disable_monitor()
+        self._close_gate()
+        if self._in is not None and not self._in.closed and self._gate is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._in.disable_monitor()
         for sock in (getattr(self, "_mon", None), self._in, out):
             if sock is not None and not sock.closed:
                 sock.close(linger=0 if sock is not out else ms)
@@ -619,6 +989,12 @@ class ZmqDriver:
         self._peers.clear()
         self._by_endpoint.clear()
         self._up.clear()
+
+    def _close_gate(self) -> None:
+        """Unregister from the context's ZAP handler (stopping its thread if we were its last driver)."""
+        if self._gate is not None and self._gate_open:
+            self._gate_open = False
+            _Gatekeeper.remove(self._ctx, self._gate)
 
     def __enter__(self) -> ZmqDriver:
         return self
