@@ -61,6 +61,8 @@ _T = TypeVar("_T")
 CONTROL = "rallypoint.control"
 """The session type of the proxies' own messages (a goodbye); no spec can declare it: spec names take no dots."""
 _LEAVE = "leave"
+_RAISED_ENDINGS = frozenset({Ended.GONE, Ended.LEFT, Ended.REFUSED})  # what receive_by_id raises for
+_LEAVE_FLOOR = 0.25  # seconds close() always gives the lease keeper to stop, so a normal close unregisters
 DOWN_GRACE = 0.1
 """Seconds a broken channel waits for its peer's goodbye before the peer counts as gone: a peer that closes
 drops its connection to us while its last frames (the goodbye among them) may still be on the way."""
@@ -277,9 +279,10 @@ class Proxy:
             self._state = ProxyState.CLOSED
             self._closed_once = True
         self._stop_requested.set()
+        deadline = time.monotonic() + self.timeouts.close
         if was_open:
             self._say_goodbye()
-        self._teardown()
+        self._teardown(deadline)
 
     def _say_goodbye(self) -> None:
         """Tell every peer we have a channel to, or a session with, that we are leaving: after our last message
@@ -304,12 +307,18 @@ class Proxy:
         for peer in membership.up_peers():
             self._outbox.say(SessionMessage(_LEAVE, self.name, peer, farewell, CONTROL))
 
-    def _teardown(self) -> None:
-        if self._membership is not None:
-            self._membership.leave(self.timeouts.close)
+    def _teardown(self, deadline: float | None = None) -> None:
+        """Close the driver, then leave the registry, within `deadline` (default: `Timeouts.close` from now):
+        what is left of it is first the driver's linger, the time queued frames get to leave."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeouts.close
         driver = getattr(self, "_driver", None)
-        if driver is not None:
-            driver.close(linger=self.timeouts.close)
+        if driver is not None:  # first: our last frames and goodbyes leave (the driver returns once they did)
+            driver.close(linger=max(0.0, deadline - time.monotonic()))
+        if self._membership is not None:
+            # The lease keeper stops at once unless it is inside a registry call; a registry that hangs is not
+            # waited for (the lease expires by itself).
+            self._membership.leave(max(_LEAVE_FLOOR, deadline - time.monotonic()))
         registry = getattr(self, "_registry", None)
         if registry is not None and self._owns_registry:
             registry.close()
@@ -665,8 +674,8 @@ class Proxy:
                 return [got[sid] for sid in ids if sid in got]
             self._raise_if_ended(missing, [got[sid] for sid in ids if sid in got])
             next_expiry = self._outbox.expire()  # held messages may expire while we wait: say so then
-            if next_expiry is not None and any(self._ended(sid) for sid in missing):
-                continue
+            if any(self._ended(sid) in _RAISED_ENDINGS for sid in missing):
+                continue  # one expired just now: raise for it at the top of the loop
             left = time_left(deadline)
             if left == 0 and polled:
                 owners = sorted({record.peer for sid in missing if (record := book.get(sid)) is not None})
