@@ -25,6 +25,7 @@ from ._config import deadline_after, time_left
 
 __all__ = ["Driver", "DriverEvent", "InMemoryDriver", "InMemoryNetwork"]
 
+_RETRY = 0.05  # seconds between two handshakes of a refused channel while wait_up() waits
 _new_tuple = tuple.__new__  # builds a DriverEvent without NamedTuple's __new__ (a Python function)
 
 
@@ -175,6 +176,7 @@ class InMemoryNetwork:
             ok = False
         if not ok:
             server.refused_handshakes += 1
+            client._refused.add(address)
         return ok
 
     def _wait(self, predicate: Callable[[], object] | None, timeout: float | None) -> None:
@@ -204,6 +206,16 @@ class InMemoryDriver:
         self._token: bytes | None = None
         self._accept: Callable[[bytes], bool] | None = None
         self.refused_handshakes = 0
+        self._refused: set[str] = set()  # addresses that refused us: retried while waiting, like ZeroMQ
+
+    def _retry_refused(self) -> None:
+        """Try the handshake again with every peer whose address refused us (caller holds the lock)."""
+        addresses, self._refused = self._refused, set()
+        for peer, address in self._peers.items():
+            if address in addresses and peer not in self._up and address in self._net._bound \
+                    and self._net._admits(self, address):
+                self._up.add(peer)
+                self._events.append(DriverEvent("up", peer))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -225,10 +237,7 @@ class InMemoryDriver:
             if not isinstance(token, bytes) or not 1 <= len(token) <= 255:
                 raise ConfigError("a token is 1 to 255 bytes")
             self._token = token
-            for peer, address in self._peers.items():  # channels refused so far try again
-                if peer not in self._up and address in self._net._bound and self._net._admits(self, address):
-                    self._up.add(peer)
-                    self._events.append(DriverEvent("up", peer))
+            self._retry_refused()
             self._cond.notify_all()
 
     def bind(self, host: str, port: int = 0) -> str:
@@ -268,8 +277,14 @@ class InMemoryDriver:
     def wait_up(self, peers: Iterable[str], timeout: float | None) -> set[str]:
         wanted = set(peers)
         with self._cond:
-            self._net._wait(lambda: self._closed or wanted <= self._up, timeout)
-            return wanted - self._up
+            deadline = deadline_after(timeout)
+            while True:
+                self._retry_refused()
+                left = time_left(deadline)
+                if self._closed or wanted <= self._up or (left is not None and left <= 0):
+                    return wanted - self._up
+                wait = left if not self._refused else _RETRY if left is None else min(left, _RETRY)
+                self._net._wait(lambda: self._closed or wanted <= self._up, wait)
 
     def send(self, peer: str, frames: Sequence[Any], *, timeout: float | None) -> None:
         # bytes are immutable: only other buffers (views of the caller's memory) need a copy
@@ -303,6 +318,8 @@ class InMemoryDriver:
     def poll(self, timeout: float | None) -> list[DriverEvent]:
         with self._cond:
             self._check_open()
+            if self._refused:
+                self._retry_refused()
             if not self._events and not self._woken:
                 self._net._wait(lambda: self._events or self._woken or self._closed, timeout)
             events = self._events

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+import zmq
 
 from rallypoint.engine import Message
 from rallypoint.errors import ConfigError, PeerUnreachable, ProxyClosed, Timeout
@@ -496,3 +497,98 @@ def test_frozen_peer_goes_down_within_the_heartbeat_timeout(
     peer.signal(signal.SIGCONT)
     wait_for(me, "up", "p", timeout=5.0)  # thawed: libzmq reconnects, the channel is back
     echo(me, "p", b"thawed")
+
+
+# ------------------------------------------------------------------------- membership (require_token)
+
+
+def gated(drivers: Drivers, token: bytes, accepted: set[bytes], **kwargs: object) -> Driver:
+    d = drivers(**kwargs)
+    d.require_token(token, lambda credential: credential in accepted)
+    return d
+
+
+def test_the_right_token_passes_a_wrong_one_is_refused(drivers: Drivers) -> None:
+    accepted = {b"group-token"}
+    server = gated(drivers, b"group-token", accepted)
+    address = server.bind("127.0.0.1")
+    member, stranger = gated(drivers, b"group-token", accepted), gated(drivers, b"wrong", accepted)
+    member.connect("server", address)
+    stranger.connect("server", address)
+    assert member.wait_up(["server"], 5.0) == set()
+    member.send("server", [b"from a member"], timeout=5.0)
+    assert wait_for(server, "frames").frames == [b"from a member"]
+    deadline = time.monotonic() + 5.0
+    while server.refused_handshakes < 1 and time.monotonic() < deadline:
+        server.poll(0.05)
+    assert server.refused_handshakes >= 1
+    assert not stranger.is_up("server")
+    with pytest.raises(PeerUnreachable):
+        stranger.send("server", [b"from a stranger"], timeout=0.2)
+
+
+def test_set_token_switches_what_is_presented(drivers: Drivers) -> None:
+    accepted = {b"old"}
+    server = gated(drivers, b"old", accepted)
+    address = server.bind("127.0.0.1")
+    client = gated(drivers, b"old", accepted)
+    client.set_token(b"new")  # the server does not know it yet: refused
+    client.connect("server", address)
+    deadline = time.monotonic() + 5.0
+    while server.refused_handshakes < 1 and time.monotonic() < deadline:
+        server.poll(0.05)
+    assert server.refused_handshakes >= 1 and not client.is_up("server")
+    accepted.add(b"new")  # the server learns the new token: the client's channel comes up by itself
+    assert client.wait_up(["server"], 5.0) == set()
+    accepted.discard(b"old")  # grace over: only the new token opens the door
+    late = gated(drivers, b"old", accepted)
+    late.connect("server", address)
+    assert late.wait_up(["server"], 0.5) == {"server"}
+    late.set_token(b"new")
+    assert late.wait_up(["server"], 5.0) == set()
+
+
+def test_require_token_comes_before_bind_and_connect(drivers: Drivers) -> None:
+    d = drivers()
+    d.bind("127.0.0.1")
+    with pytest.raises(ConfigError):
+        d.require_token(b"t", lambda credential: True)
+    e = drivers()
+    e.require_token(b"t", lambda credential: True)
+    with pytest.raises(ConfigError):
+        e.require_token(b"t", lambda credential: True)
+    with pytest.raises(ConfigError):
+        e.set_token(b"")
+
+
+def test_curve_gate_checks_the_client_public_key(zmq_drivers: Drivers) -> None:
+    members: set[bytes] = set()
+    server = gated(zmq_drivers, b"unused", members, curve=True)
+    address = server.bind("127.0.0.1")
+    member = gated(zmq_drivers, b"unused", members, curve=True)
+    stranger = gated(zmq_drivers, b"unused", members, curve=True)
+    # a CURVE client proves the key pair of its own address: the allow-list holds those keys
+    members.add(member.bind("127.0.0.1").split("#curve=")[1].encode())
+    member.connect("server", address)
+    stranger.connect("server", address)
+    assert member.wait_up(["server"], 5.0) == set()
+    member.send("server", [b"encrypted"], timeout=5.0)
+    assert wait_for(server, "frames").frames == [b"encrypted"]
+    assert stranger.wait_up(["server"], 0.5) == {"server"}
+    assert server.refused_handshakes >= 1
+
+
+def test_drivers_sharing_a_context_share_one_zap_handler() -> None:
+    ctx = zmq.Context()
+    try:
+        with ZmqDriver(context=ctx, linger=0, **HB) as a, ZmqDriver(context=ctx, linger=0, **HB) as b:
+            a.require_token(b"ta", lambda credential: credential == b"tb")
+            b.require_token(b"tb", lambda credential: credential == b"ta")
+            a.connect("b", b.bind("127.0.0.1"))
+            b.connect("a", a.bind("127.0.0.1"))
+            assert a.wait_up(["b"], 5.0) == set() and b.wait_up(["a"], 5.0) == set()
+        with ZmqDriver(context=ctx, linger=0) as c:  # the handler stopped with its last driver
+            c.require_token(b"t", lambda credential: True)
+            c.bind("127.0.0.1")
+    finally:
+        ctx.term()

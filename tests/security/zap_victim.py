@@ -1,0 +1,62 @@
+"""The victim of the attack tests, run as a subprocess so its memory can be measured alone.
+
+    python zap_victim.py TOKEN MAX_MESSAGE_BYTES [curve]
+
+Binds a ZmqDriver gated by `require_token(TOKEN, accept=TOKEN only)` on 127.0.0.1, prints its address on the
+first line of stdout, then polls. Each line "stats" on stdin is answered with one JSON line: rss_kb (VmRSS),
+refused (refused_handshakes), delivered (messages received), parts (their parts), warnings (log records
+of WARNING or above from rallypoint). EOF on stdin closes the driver and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import sys
+
+from rallypoint.proxy._zmq import ZmqDriver
+
+
+class Counter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+def rss_kb() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def main() -> None:
+    token, max_bytes = sys.argv[1].encode(), int(sys.argv[2])
+    counter = Counter()
+    logging.getLogger("rallypoint").addHandler(counter)
+    logging.getLogger("rallypoint").setLevel(logging.WARNING)
+    delivered = parts = 0
+    with ZmqDriver(max_message_bytes=max_bytes, linger=0) as driver:
+        driver.require_token(token, lambda credential: credential == token)
+        print(driver.bind("127.0.0.1"), flush=True)
+        while True:
+            for event in driver.poll(0.02):
+                if event.kind == "frames" and event.frames is not None:
+                    delivered += 1
+                    parts += len(event.frames)
+            if select.select([sys.stdin], [], [], 0)[0]:
+                line = sys.stdin.readline()
+                if not line:
+                    return
+                stats = dict(rss_kb=rss_kb(), refused=driver.refused_handshakes, delivered=delivered,
+                             parts=parts, warnings=counter.count)
+                print(json.dumps(stats), flush=True)
+
+
+if __name__ == "__main__":
+    main()
