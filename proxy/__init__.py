@@ -1,8 +1,8 @@
 """rallypoint.proxy: the layer that touches the network.
 
-`Proxy` (the primitives), `dist` (the decorator), the driver interface with its ZeroMQ and in-memory
-implementations, the registry interface with its Redis, embedded and in-memory implementations, and the
-wire codec. Only `_zmq` imports zmq and only `_registry`/`_embedded` import redis/fakeredis.
+`Proxy` (the primitives), `AsyncProxy` (its asyncio twin), `dist` (the decorator), the driver interface with
+its ZeroMQ and in-memory implementations, the registry interface with its Redis, embedded and in-memory
+implementations, and the wire codec. Only `_zmq` imports zmq and only `_registry`/`_embedded` import redis/fakeredis.
 """
 
 from typing import TYPE_CHECKING
@@ -26,12 +26,17 @@ from ._stats import ProxyStats as ProxyStats
 from ._wire import WireCodec as WireCodec
 
 if TYPE_CHECKING:
+    from ._async import AsyncProxy as AsyncProxy
     from ._dist import dist as dist
 
 
 def __getattr__(name: str) -> object:
     # Imported on first use: ZmqDriver loads zmq, EmbeddedRegistryServer loads fakeredis (~160 ms), and dist
     # is only for processes that use the decorator (a Proxy does not need it).
+    if name == "AsyncProxy":
+        from ._async import AsyncProxy
+
+        return AsyncProxy
     if name == "dist":
         from ._dist import dist
 
@@ -48,6 +53,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AsyncProxy",
     "Driver",
     "DriverEvent",
     "EmbeddedRegistryServer",

@@ -23,6 +23,7 @@ from rallypoint.errors import Error as Error
 from rallypoint.grammar import parse_rule as parse_rule
 
 if TYPE_CHECKING:
+    from rallypoint.proxy import AsyncProxy as AsyncProxy
     from rallypoint.proxy import HoldPolicy as HoldPolicy
     from rallypoint.proxy import InMemoryDriver as InMemoryDriver
     from rallypoint.proxy import InMemoryNetwork as InMemoryNetwork
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
 
 # The names above that exist at run time only once `rallypoint.proxy` is imported, by `__getattr__`.
 _PROXY_NAMES = frozenset(
-    {"Proxy", "dist", "Timeouts", "Liveness", "HoldPolicy", "EmbeddedRegistryServer", "InMemoryDriver",
-     "InMemoryNetwork", "InMemoryRegistry", "RedisRegistry", "ZmqDriver"}
+    {"AsyncProxy", "Proxy", "dist", "Timeouts", "Liveness", "HoldPolicy", "EmbeddedRegistryServer",
+     "InMemoryDriver", "InMemoryNetwork", "InMemoryRegistry", "RedisRegistry", "ZmqDriver"}
 )
 
 
@@ -55,6 +56,7 @@ if not TYPE_CHECKING:  # hidden from the type checker, which would otherwise acc
 
 
 __all__ = [
+    "AsyncProxy",
     "EmbeddedRegistryServer",
     "Error",
     "HoldPolicy",
