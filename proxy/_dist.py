@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import signal
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rallypoint.engine import Message, RegisterTable, SessionCatalog
 from rallypoint.errors import ConfigError, PeerGone
 
 from ._proxy import Proxy
 
+if TYPE_CHECKING:
+    from ._async import AsyncProxy
+
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[Any, Proxy, list[Message]], Any]
+# The proxy argument is a Proxy, or an AsyncProxy for a class decorated with one (then handlers may be async).
+Handler = Callable[[Any, Any, list[Message]], Any]
 ErrorHook = Callable[[BaseException, Handler, list[Message]], Any]
-PeerGoneHook = Callable[[Any, Proxy, str], Any]
+PeerGoneHook = Callable[[Any, Any, str], Any]
 
 
 def dist(
-    proxy: Proxy,
+    proxy: Proxy | AsyncProxy,
     handler_dict: Mapping[Any, Handler],
     *,
     on_error: ErrorHook | None = None,
@@ -49,9 +55,18 @@ def dist(
     warning). `launch()` ends normally when every peer of an expected type left (closed) and everything they
     sent was handled; when every peer of one is gone (crashed, cut off) for `Liveness.orphan_after`, it raises
     PeerGone, or, given `on_peer_gone(that, proxy, peer)`, calls that for each of them and goes on.
+
+    With an `AsyncProxy`, `launch()` is a coroutine (`await Worker().launch()`) that runs on the event loop,
+    and handlers (and `on_error`, `on_peer_gone`) may be `async def`. Each handler runs in a task of its own
+    (its lane): the calls of one handler run one after another, in the order its rule was met, while the
+    proxy goes on receiving; different handlers may overlap (one awaits, another runs). A plain `def` handler
+    runs on the loop too, in its lane, and should not block. `launch()` returns once the handler calls already
+    queued have finished.
     """
-    if not isinstance(proxy, Proxy):
-        raise ConfigError(f"dist() needs a Proxy, not {type(proxy).__name__}")
+    from ._async import AsyncProxy
+
+    if not isinstance(proxy, (Proxy, AsyncProxy)):
+        raise ConfigError(f"dist() needs a Proxy or an AsyncProxy, not {type(proxy).__name__}")
     if not handler_dict:
         raise ConfigError("dist() needs at least one event -> handler entry")
     for key, handler in handler_dict.items():
@@ -65,7 +80,7 @@ def dist(
 
     def decorate(cls: type) -> type:
         class Distributed:
-            __slots__ = ("local_instance", "proxy", "_table", "_stopped")
+            __slots__ = ("local_instance", "proxy", "_table", "_stopped", "_failure")
 
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 self.local_instance = cls(*args, **kwargs)
@@ -74,6 +89,7 @@ def dist(
                 for event, handler in handler_dict.items():
                     self._table.register_event_handler(event, handler)
                 self._stopped = threading.Event()
+                self._failure: BaseException | None = None
 
             def __getattr__(self, name: str) -> Any:
                 # Only called when normal lookup fails: the local class's attributes show through.
@@ -88,10 +104,14 @@ def dist(
                 self._stopped.set()
                 proxy.stop()
 
-            def launch(self, *, handle_sigterm: bool = True) -> None:
+            def launch(self, *, handle_sigterm: bool = True) -> Any:
                 """Receive and dispatch until stopped, or until the job is over (every peer of an expected type
                 left). With `handle_sigterm`, SIGTERM stops it and closes the proxy: the process is asked to
-                end, so it leaves the group properly (its peers hear it left, not that it crashed)."""
+                end, so it leaves the group properly (its peers hear it left, not that it crashed).
+
+                With an AsyncProxy this returns a coroutine: `await Worker().launch()`."""
+                if isinstance(proxy, AsyncProxy):
+                    return self._launch_async(proxy, handle_sigterm)
                 terminated = threading.Event()
 
                 def on_sigterm() -> None:
@@ -111,6 +131,7 @@ def dist(
 
             def _dispatch_until_done(self) -> bool:
                 """One receive loop; True when launch() is done, False to start another (after on_peer_gone)."""
+                assert isinstance(proxy, Proxy)
                 incoming = proxy.receive(timeout=None)
                 try:
                     for message in incoming:
@@ -140,6 +161,88 @@ def dist(
                     logger.exception("handler %s failed", getattr(handler, "__name__", handler))
                     on_error(exc, handler, messages)
 
+            # ---------------------------------------------------------------- with an AsyncProxy
+
+            async def _launch_async(self, aproxy: AsyncProxy, handle_sigterm: bool) -> None:
+                loop = asyncio.get_running_loop()
+                terminated = False
+
+                def on_sigterm() -> None:
+                    nonlocal terminated
+                    logger.info("SIGTERM: stopping launch()")
+                    terminated = True
+                    self.stop()
+
+                restore = _install_loop_sigterm(loop, on_sigterm) if handle_sigterm else None
+                lanes: dict[int, tuple[asyncio.Queue[list[Message]], asyncio.Task[None]]] = {}
+                self._failure = None
+                try:
+                    while not await self._dispatch_async(aproxy, lanes):
+                        pass
+                    if self._failure is None:  # what met a rule before the end is still handled
+                        await asyncio.gather(*(queue.join() for queue, _ in lanes.values()))
+                finally:
+                    for _, task in lanes.values():
+                        task.cancel()
+                    await asyncio.gather(*(task for _, task in lanes.values()), return_exceptions=True)
+                    self._stopped.clear()
+                    if restore is not None:
+                        restore()
+                    if terminated:
+                        await aproxy.close()
+                if self._failure is not None:
+                    failure, self._failure = self._failure, None
+                    raise failure
+
+            async def _dispatch_async(self, aproxy: AsyncProxy,
+                                      lanes: dict[int, tuple[asyncio.Queue[list[Message]], asyncio.Task[None]]]
+                                      ) -> bool:
+                incoming = aproxy.receive(timeout=None)
+                try:
+                    async for message in incoming:
+                        self._table.push(message)
+                        for handler, messages in self._table.get():
+                            lane = lanes.get(id(handler))
+                            if lane is None:
+                                queue: asyncio.Queue[list[Message]] = asyncio.Queue()
+                                task = asyncio.ensure_future(self._lane(aproxy, handler, queue))
+                                lane = lanes[id(handler)] = (queue, task)
+                            lane[0].put_nowait(messages)
+                        if self._stopped.is_set() or self._failure is not None:
+                            return True
+                except PeerGone as exc:
+                    if on_peer_gone is None:
+                        raise
+                    for peer in exc.peers:
+                        await _maybe_await(on_peer_gone(self.local_instance, aproxy, peer))
+                    return self._stopped.is_set() or aproxy.closed
+                finally:
+                    await incoming.aclose()
+                return True
+
+            async def _lane(self, aproxy: AsyncProxy, handler: Handler, queue: asyncio.Queue[list[Message]]
+                            ) -> None:
+                """One handler's calls, one at a time, in the order its rule was met."""
+                while True:
+                    messages = await queue.get()
+                    try:
+                        if self._failure is None:
+                            await self._call_async(aproxy, handler, messages)
+                    except Exception as exc:  # no on_error: launch() stops and raises it
+                        self._failure = exc
+                        self.stop()
+                    finally:
+                        queue.task_done()
+
+            async def _call_async(self, aproxy: AsyncProxy, handler: Handler, messages: list[Message]) -> None:
+                try:
+                    await _maybe_await(handler(self.local_instance, aproxy, messages))
+                except Exception as exc:
+                    if on_error is None:
+                        raise
+                    logger.exception("handler %s failed", getattr(handler, "__name__", handler))
+                    await _maybe_await(on_error(exc, handler, messages))
+
         Distributed.__name__ = cls.__name__
         Distributed.__qualname__ = cls.__qualname__
         Distributed.__doc__ = cls.__doc__
@@ -149,10 +252,34 @@ def dist(
     return decorate
 
 
-def _catalog_of(proxy: Proxy) -> SessionCatalog:
+def _catalog_of(proxy: Proxy | AsyncProxy) -> SessionCatalog:
     """The proxy's catalog, or one with the built-in types for a proxy that keeps none."""
     found = getattr(proxy, "catalog", None)
     return found if isinstance(found, SessionCatalog) else SessionCatalog()
+
+
+async def _maybe_await(result: Any) -> Any:
+    """The result of a handler: awaited when it is awaitable (an `async def` handler), as is otherwise."""
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+def _install_loop_sigterm(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> Callable[[], None] | None:
+    """Route SIGTERM to `stop` through the event loop while an async launch() runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop)
+    except (NotImplementedError, RuntimeError, ValueError):  # a loop without signal support
+        return None
+
+    def restore() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _install_sigterm(stop: Callable[[], None]) -> Callable[[], None] | None:
