@@ -34,7 +34,7 @@ import warnings
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from typing import Any
 
-from rallypoint.engine import Message, SessionCatalog, SessionType
+from rallypoint.engine import Message, SessionCatalog, SessionType, Spec, load_spec
 from rallypoint.engine._book import Ended
 from rallypoint.errors import (
     ConfigError,
@@ -125,11 +125,16 @@ class AsyncProxy:
         self.component_type = _validate_name("component_type", component_type)
         self.name = _validate_name("name", name or f"{component_type}_{uuid.uuid4().hex[:8]}")
         self._expected = _expected_counts(expected_peers)
+        # The catalog is made here (as the core would make it) and handed to the core: `@dist` reads its named
+        # rules when it decorates, before the join.
+        self._catalog = catalog if catalog is not None else SessionCatalog()
+        for spec in specs:
+            self._catalog.add_spec(spec if isinstance(spec, Spec) else load_spec(spec))
         self._kwargs: dict[str, Any] = dict(
             group_name=group_name, component_type=component_type, expected_peers=expected_peers, name=self.name,
             registry=registry, redis_address=redis_address, driver=driver, host=host, port=port,
             timeouts=timeouts, join_timeout=join_timeout, liveness=liveness, hold=hold, codec=codec, curve=curve,
-            catalog=catalog, specs=list(specs), max_buffered=max_buffered, max_message_bytes=max_message_bytes,
+            catalog=self._catalog, max_buffered=max_buffered, max_message_bytes=max_message_bytes,
         )
         self._core: Proxy | None = None
         self._joining = False
@@ -288,7 +293,8 @@ class AsyncProxy:
 
     @property
     def catalog(self) -> SessionCatalog:
-        return self._joined().catalog
+        """The session types (and named rules) this proxy's messages may use (known before the join)."""
+        return self._catalog
 
     @property
     def peers(self) -> dict[str, list[str]]:
