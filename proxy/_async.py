@@ -119,6 +119,7 @@ class AsyncProxy:
         specs: Iterable[Any] = (),
         max_buffered: int = 100_000,
         max_message_bytes: int = 1 << 31,
+        secret: str | bytes | None = None,
     ) -> None:
         # Checked and named now (as the core would), so mistakes fail here and `name` is known before the join.
         self.group_name = _validate_name("group_name", group_name)
@@ -136,6 +137,8 @@ class AsyncProxy:
             timeouts=timeouts, join_timeout=join_timeout, liveness=liveness, hold=hold, codec=codec, curve=curve,
             catalog=self._catalog, max_buffered=max_buffered, max_message_bytes=max_message_bytes,
         )
+        if secret is not None:  # passed only when given: the core takes it (or RALLYPOINT_SECRET) as Proxy does
+            self._kwargs["secret"] = secret
         self._core: Proxy | None = None
         self._joining = False
         self._closed = False
