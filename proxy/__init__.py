@@ -23,6 +23,7 @@ from ._registry import RedisRegistry as RedisRegistry
 from ._registry import Registry as Registry
 from ._registry import registry_from as registry_from
 from ._stats import ProxyStats as ProxyStats
+from ._trust import handshake_token as handshake_token
 from ._wire import WireCodec as WireCodec
 
 if TYPE_CHECKING:
@@ -73,5 +74,6 @@ __all__ = [
     "WireCodec",
     "ZmqDriver",
     "dist",
+    "handshake_token",
     "registry_from",
 ]

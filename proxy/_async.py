@@ -31,7 +31,7 @@ import logging
 import threading
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Any
 
 from rallypoint.engine import Message, SessionCatalog, SessionType, Spec, load_spec
@@ -766,16 +766,10 @@ def _close_built(build: asyncio.Future[Proxy]) -> None:
 
 
 def _pollable_fds(driver: Driver) -> list[int]:
-    """The descriptors that become readable when `driver.poll(0)` may have something: `driver.fds()` where the
-    driver has it; for the ZmqDriver, its sockets' ZMQ_FD and its wake-up pipe."""
+    """The descriptors that become readable when `driver.poll(0)` may have something (`driver.fds()`)."""
     fds = getattr(driver, "fds", None)
     if callable(fds):
         return [int(fd) for fd in fds()]
-    from ._zmq import ZmqDriver
-
-    if isinstance(driver, ZmqDriver):
-        sockets: Sequence[Any] = [sock for sock in (driver._in, driver._mon, driver._out) if sock is not None]
-        return [int(sock.fileno()) for sock in sockets] + [driver._wake_r]
     raise ConfigError(f"AsyncProxy needs a driver whose poll() has file descriptors to watch (fds()); "
                       f"{type(driver).__name__} has none")
 

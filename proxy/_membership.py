@@ -16,6 +16,7 @@ signed with the old key stay accepted for `KEY_GRACE` seconds.
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import logging
 import queue
@@ -32,6 +33,7 @@ from ._config import Liveness
 from ._driver import Driver
 from ._registry import PeerRecord, Registry
 from ._stats import ProxyStats
+from ._trust import handshake_token, split_trusted
 from ._wire import WireCodec
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ logger = logging.getLogger(__name__)
 KEY_GRACE = 60.0
 """Seconds frames signed with a replaced group key stay accepted: long enough for every member to re-register
 and switch once the registry is back, while one cut off for longer is refused until it reads the new key."""
+
+_FULL_READ_EVERY_LEASES = 10  # the lease keeper reads the whole member list at least this many leases apart
+_KEY_RENEW_EVERY = 5  # refreshes between two renewals of the group key's life (it lives GROUP_KEY_TTL)
 
 PROMPTED_READ_INTERVAL = 1.0
 """At most one registry read a second for each thing a received frame can prompt one for (see `worth_reading`)."""
@@ -88,6 +93,7 @@ class Membership:
         stats: ProxyStats,
         wanted: Callable[[PeerRecord], bool],
         listener: MembershipListener,
+        record_key: bytes | None = None,
     ) -> None:
         self.name = name
         self.group = group
@@ -115,7 +121,57 @@ class Membership:
         # read was applied already, so a list the keeper queued cannot undo a newer read of the owner's.
         self._reads = itertools.count(1)
         self._applied_read = 0
+        # With a group secret, member records must be signed with the key derived from it, and the registry's
+        # own key is never read (the registry is only a directory); None: the registry holds the key.
+        self._record_key = record_key
+        self._refused: dict[str, tuple[PeerRecord, str, float]] = {}  # name -> (record, why, first seen)
+        self._trusted: dict[str, PeerRecord] = {}  # the records the last read took (replaced whole)
+        # Who may complete a handshake with us (read by the driver's ZAP thread; each replaced whole, never edited):
+        # the token of the current key, the previous one until its grace ends, and members' CURVE public keys.
+        self._token = handshake_token(key)
+        self._old_token: tuple[bytes, float] = (b"", 0.0)
+        self._curve_keys: frozenset[bytes] = frozenset()
+        self._last_token_read = 0.0  # when the ZAP thread last read the registry's key (see _token_of_a_new_key)
+        self._owner_version = -1  # the member-list version the owner thread last read the list at
+        self._full_read_at = float("inf")  # when the lease keeper reads the whole list whatever the version
         self._keeper: _LeaseKeeper | None = None
+
+    # ------------------------------------------------------------------------ the handshake gate
+
+    def guard(self) -> None:
+        """Make the driver refuse, at the handshake, every connection that does not prove it belongs to the group:
+        a PLAIN token derived from the group key, or (with CURVE) the public key of a listed member."""
+        self._driver.require_token(self._token, self.accepts)
+
+    def accepts(self, credential: bytes) -> bool:
+        """Whether a connecting peer's credential (a PLAIN password or a CURVE public key) is a member's. Called
+        on the driver's ZAP thread: it only reads attributes that are replaced whole."""
+        if hmac.compare_digest(credential, self._token) or credential in self._curve_keys:
+            return True
+        old, until = self._old_token
+        if old and time.monotonic() < until and hmac.compare_digest(credential, old):
+            return True
+        return self._token_of_a_new_key(credential)
+
+    def _token_of_a_new_key(self, credential: bytes) -> bool:
+        """An unknown token may be that of a key the registry holds now (it lost ours and a newcomer made one):
+        at most one registry read a second tells, and a match hands the key to the owner thread to adopt. Never
+        with a group secret (the key comes from it), nor while the registry is down."""
+        if self._record_key is not None or self.registry_down:
+            return False
+        now = time.monotonic()
+        if now - self._last_token_read < PROMPTED_READ_INTERVAL:
+            return False
+        self._last_token_read = now
+        try:
+            key = self.registry.group_key(self.group, create=False)
+        except RegistryError:
+            return False
+        if key == self.key or not hmac.compare_digest(credential, handshake_token(key)):
+            return False
+        self._news.put(_NewKey(key))
+        self._driver.wakeup()
+        return True
 
     # ------------------------------------------------------------------------ lease
 
@@ -171,9 +227,52 @@ class Membership:
             self._apply_read(latest.read, latest.records)
 
     def _read_members(self) -> tuple[int, dict[str, PeerRecord]]:
-        """One registry read of the member list, numbered (any thread)."""
+        """One registry read of the member list, numbered (any thread). Records this member's trust does not take
+        are left out (and remembered, to name them if a join waits in vain): with a group secret, those not
+        signed with its key; without one, signed ones."""
         read = next(self._reads)
-        return read, self.registry.members(self.group)
+        listed = self.registry.members(self.group)
+        # Without a secret, signed records are refused too: their members hold a key this one cannot have.
+        taken, why = split_trusted(listed, self._record_key)
+        # A name we trusted whose record now fails (a registry writer rewrote it, say to its own address) keeps
+        # the record we trusted: tampering can deny a newcomer entry, never redirect a member we know.
+        trusted_before = self._trusted
+        for name in why.keys() & trusted_before.keys():
+            taken[name] = trusted_before[name]
+        self._trusted = taken
+        now, before = time.monotonic(), self._refused
+        # Replaced whole, never edited in place: either thread may read it.
+        self._refused = {name: (listed[name], reason, before[name][2] if name in before
+                                and before[name][0] == listed[name] else now) for name, reason in why.items()}
+        for name in why.keys() - before.keys():
+            logger.warning("%s: ignoring %r in the registry: %s", self.name, name, why[name])
+        self._note_curve_keys(taken)
+        return read, taken
+
+    def _note_curve_keys(self, records: Mapping[str, PeerRecord]) -> None:
+        """The CURVE public keys the handshake gate lets in: those of the members just read (whichever thread
+        read them, so a joining member is let in at the lease keeper's next read, not the owner's next call)."""
+        self._curve_keys = frozenset(key for key in (_curve_key(r.address) for r in records.values()) if key)
+
+    def refused(self, expected: Mapping[str, int], older_than: float) -> dict[str, str]:
+        """Records of expected types the registry has listed for `older_than` seconds that our secret refuses,
+        with why: a member with another secret (or none) is in the group."""
+        now = time.monotonic()
+        return {name: why for name, (record, why, since) in self._refused.items()
+                if record.component_type in expected and now - since >= older_than}
+
+    def refresh_if_changed(self, *, quiet: bool = False) -> None:
+        """Read the whole member list only if its version moved since the owner thread last read it (one cheap
+        read otherwise): joining polls this often, and a group of N joining at once must not cost N^2 reads."""
+        version = self.registry.members_version(self.group)
+        if version != self._owner_version:
+            self._owner_version = version
+            self.refresh_now(quiet=quiet)
+
+    def request_full_read(self, after: float) -> None:
+        """Have the lease keeper read the whole list `after` seconds from now, whatever its version: a peer whose
+        channel broke stays listed until its lease lapses, and the read that finds it lapsed tells everyone."""
+        self._full_read_at = min(self._full_read_at, time.monotonic() + after)
 
     def _apply_read(self, read: int, members: dict[str, PeerRecord]) -> None:
         if read > self._applied_read:
@@ -252,12 +351,13 @@ class Membership:
                 raise
             logger.warning("%s: registry unreachable while looking up a peer: %s", self.name, exc)
             return
-        try:
-            # A member we learn of here may hold a key created after the registry lost ours: switch first,
-            # so that what we send it is signed with the key it knows.
-            self.adopt_key(self.registry.group_key(self.group, create=False))
-        except RegistryError as exc:  # no key there (not restored yet) or unreachable: keep ours
-            logger.debug("%s: could not re-read the group key: %s", self.name, exc)
+        if self._record_key is None:
+            try:
+                # A member we learn of here may hold a key created after the registry lost ours: switch first,
+                # so that what we send it is signed with the key it knows.
+                self.adopt_key(self.registry.group_key(self.group, create=False))
+            except RegistryError as exc:  # no key there (not restored yet) or unreachable: keep ours
+                logger.debug("%s: could not re-read the group key: %s", self.name, exc)
         self._apply_read(read, members)
 
     def worth_reading(self, prompt: tuple[str, str]) -> bool:
@@ -286,6 +386,7 @@ class Membership:
         self._up_seen.discard(peer)
         if peer in self._members and peer not in self._gone and peer not in self._left:
             self._declare_gone(peer, "connection lost", loud=True)
+            self.request_full_read(after=self._liveness.lease)
 
     def channel_up(self, peer: str) -> None:
         """Our channel to `peer` completed a handshake (driver "up"): it is live."""
@@ -426,6 +527,9 @@ class Membership:
             return False
         self._codec.rekey(key, grace=KEY_GRACE)
         self.key = key
+        self._old_token = (self._token, time.monotonic() + KEY_GRACE)
+        self._token = handshake_token(key)
+        self._driver.set_token(self._token)
         self._stats.rekeyed += 1
         logger.warning("%s: now signing with the group key the registry holds for %r (it had lost the one this "
                        "proxy started with); frames signed with the old key are accepted for %.0fs more",
@@ -433,14 +537,21 @@ class Membership:
         return True
 
     def key_replaced(self) -> bool:
-        """After a frame failed its MAC: whether the registry now holds another group key (then adopted)."""
-        if not self.worth_reading(("", "group key")):
+        """After a frame failed its MAC: whether the registry now holds another group key (then adopted). Never
+        with a group secret: the key comes from the secret, and one planted in the registry is not taken."""
+        if self._record_key is not None or not self.worth_reading(("", "group key")):
             return False
         try:
             return self.adopt_key(self.registry.group_key(self.group, create=False))
         except RegistryError as exc:
             logger.debug("%s: could not re-read the group key: %s", self.name, exc)
             return False
+
+
+def _curve_key(address: str) -> bytes:
+    """The CURVE public key an address advertises (`tcp://host:port#curve=KEY`), or b""."""
+    _, mark, key = address.partition("#curve=")
+    return key.encode("ascii", "replace") if mark else b""
 
 
 class _LeaseKeeper(threading.Thread):
@@ -476,19 +587,23 @@ class _LeaseKeeper(threading.Thread):
         lease = m._liveness.lease
         last: dict[str, PeerRecord] | None = None
         handed = 0  # the number of the last read handed over
+        version = -1  # the member-list version of our last whole read
+        next_full = 0.0  # when a whole read is due whatever the version (a safety net, see below)
+        beats = 0
         while not self._stop_event.wait(refresh):
+            beats += 1
             try:
-                if not m.registry.refresh(m.group, self._record, lease):
-                    # Our entry had vanished (the registry restarted or our lease lapsed): we are back in, and
-                    # the group key goes back too, so members joining now share the running one.
-                    held = m.registry.ensure_group_key(m.group, m.key)
-                    logger.warning("%s: re-registered in group %r", m.name, m.group)
-                    if held != m.key:
-                        logger.warning("%s: the registry holds a new key for group %r (a member joined while "
-                                       "it was empty); switching to it", m.name, m.group)
-                        m._news.put(_NewKey(held))
-                        m._driver.wakeup()
+                self._renew(m, lease, beats)
+                now = time.monotonic()
+                current = m.registry.members_version(m.group)
+                if current == version and now < next_full and now < m._full_read_at:
+                    continue  # nothing changed: one cheap read instead of the whole list
+                if now >= m._full_read_at:
+                    m._full_read_at = float("inf")
                 read, members = m._read_members()
+                version = current
+                # The safety net's period grows with the group, so that its cost stays linear in the group's size.
+                next_full = now + max(_FULL_READ_EVERY_LEASES * lease, len(members) * refresh)
             except RegistryError as exc:
                 if not self.registry_down:
                     logger.warning("%s: registry unreachable, keeping the last member list: %s", m.name, exc)
@@ -503,3 +618,23 @@ class _LeaseKeeper(threading.Thread):
                 last, handed = members, read
                 m._news.put(_Members(read, members))
                 m._driver.wakeup()
+
+    def _renew(self, m: Membership, lease: float, beats: int) -> None:
+        """Renew our lease, and now and then (without a group secret) the group key's life in the registry."""
+        if not m.registry.refresh(m.group, self._record, lease):
+            # Our entry had vanished (the registry restarted or our lease lapsed): we are back in, and the group
+            # key goes back too, so members joining now share the running one.
+            logger.warning("%s: re-registered in group %r", m.name, m.group)
+            if m._record_key is None:
+                self._key_back(m, m.registry.ensure_group_key(m.group, m.key))
+        elif m._record_key is None and beats % _KEY_RENEW_EVERY == 0:
+            if not m.registry.renew_group_key(m.group):
+                self._key_back(m, m.registry.ensure_group_key(m.group, m.key))
+
+    @staticmethod
+    def _key_back(m: Membership, held: bytes) -> None:
+        if held != m.key:
+            logger.warning("%s: the registry holds a new key for group %r (a member joined while it was empty); "
+                           "switching to it", m.name, m.group)
+            m._news.put(_NewKey(held))
+            m._driver.wakeup()

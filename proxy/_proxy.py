@@ -52,6 +52,7 @@ from ._membership import Membership
 from ._outbox import Outbox
 from ._registry import PeerRecord, Registry, registry_from
 from ._stats import ProxyStats
+from ._trust import derive_group_key, secret_from, sign_record
 from ._wire import WireCodec
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class Proxy:
         specs: Iterable[Any] = (),
         max_buffered: int = 100_000,
         max_message_bytes: int = 1 << 31,
+        secret: str | bytes | None = None,
     ) -> None:
         self._state = ProxyState.CLOSED  # until the join succeeds; close() is safe on a half-built proxy
         self._closed_once = False
@@ -162,6 +164,7 @@ class Proxy:
         if driver is not None and curve:
             raise ConfigError("curve=True configures the default driver; pass ZmqDriver(curve=True) instead")
         self._driver: Driver = driver if driver is not None else self._default_driver(max_message_bytes, curve)
+        self._secret = secret_from(secret, os.environ)  # the trust root, when given: the registry never sees it
         self._incarnation = uuid.uuid4().hex
         self._book = SessionBook(max_finished=max_buffered)
         self._inbox = Inbox(max_buffered)
@@ -187,18 +190,24 @@ class Proxy:
 
     def _join(self, host: str | None, port: int, codec_name: str, max_message_bytes: int) -> None:
         deadline = deadline_after(self.timeouts.join)
-        key = self._until_registry(lambda: self._registry.group_key(self.group_name), deadline)
+        if self._secret is not None:
+            key = derive_group_key(self._secret, self.group_name)
+        else:
+            key = self._until_registry(lambda: self._registry.group_key(self.group_name), deadline)
         self._codec = codec = WireCodec(key, codec=codec_name, max_message_bytes=max_message_bytes)
-        bind_host = host if host is not None else _reachable_host(getattr(self._registry, "host", None))
-        address = self._driver.bind(bind_host, port)
-        self._record = PeerRecord(name=self.name, component_type=self.component_type, address=address,
-                                  incarnation=self._incarnation, pid=os.getpid(), host=socket.gethostname(),
-                                  started_at=time.time())
         self._membership = membership = Membership(
             name=self.name, group=self.group_name, registry=self._registry, driver=self._driver, codec=codec,
             key=key, liveness=self.liveness, stats=self.stats, listener=self,
             wanted=lambda record: record.component_type in self.expected_peers,
+            record_key=key if self._secret is not None else None,
         )
+        membership.guard()  # before bind: no connection is taken before it proved it belongs to the group
+        bind_host = host if host is not None else _reachable_host(getattr(self._registry, "host", None))
+        address = self._driver.bind(bind_host, port)
+        record = PeerRecord(name=self.name, component_type=self.component_type, address=address,
+                            incarnation=self._incarnation, pid=os.getpid(), host=socket.gethostname(),
+                            started_at=time.time())
+        self._record = sign_record(record, key) if self._secret is not None else record
         self._outbox = Outbox(name=self.name, incarnation=self._incarnation, codec=codec, driver=self._driver,
                               membership=membership, hold=self.hold_policy, timeouts=self.timeouts,
                               stats=self.stats, listener=self)
@@ -234,7 +243,7 @@ class Proxy:
         delay, next_read = 0.005, 0.0
         while True:
             if time.monotonic() >= next_read:
-                self._until_registry(lambda: membership.refresh_now(quiet=True), deadline)
+                self._until_registry(lambda: membership.refresh_if_changed(quiet=True), deadline)
                 # Polled fast until every expected peer registered (the last one is noticed within 25 ms), then
                 # at the lease keeper's pace while the handshakes complete.
                 missing = membership.joined(self.expected_peers)
@@ -244,6 +253,11 @@ class Proxy:
             not_up = [] if missing else membership.not_up(self.expected_peers)
             if not missing and not not_up:
                 return
+            refused = membership.refused(self.expected_peers, older_than=self.liveness.lease)
+            if missing and refused:  # listed a whole lease, and not ours: another secret, not a slow joiner
+                raise ConfigError(f"{self.name} in group {self.group_name!r}: the registry lists members this "
+                                  f"proxy's group secret does not accept: " +
+                                  "; ".join(f"{peer}: {why}" for peer, why in sorted(refused.items())))
             left = time_left(deadline)
             if left is not None and left <= 0:
                 if missing:
@@ -397,6 +411,12 @@ class Proxy:
             return None
         return SessionInfo(record.id, record.state, record.peer, record.awaiting,
                            record.ended.value if record.ended is not None else None)
+
+    @property
+    def refused_handshakes(self) -> int:
+        """Connections refused at the handshake: they did not prove they belong to the group (a stranger, a
+        member with another key or secret). Nothing they sent was buffered or decoded."""
+        return self._driver.refused_handshakes
 
     @property
     def live_sessions(self) -> int:
@@ -845,8 +865,9 @@ class Proxy:
         (they never reached the dead process and wait for its successor)."""
         self.stats.peers_lost += 1
         failed = self._book.end_with_peer(peer, Ended.GONE, keep=self._outbox.held_sessions(peer))
-        logger.log(logging.WARNING if loud or failed else logging.INFO, "%s: peer %r is gone (%s); %d pending "
-                   "sessions failed", self.name, peer, why, len(failed))
+        warn = (loud or failed) and self._state is ProxyState.OPEN  # news while we close ourselves is no alarm
+        logger.log(logging.WARNING if warn else logging.INFO, "%s: peer %r is gone (%s); %d pending sessions "
+                   "failed", self.name, peer, why, len(failed))
 
     def peer_left(self, peer: str) -> None:
         """Membership: `peer` said goodbye after its last message. Sessions still waiting on it fail (PeerGone,

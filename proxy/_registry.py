@@ -9,6 +9,7 @@ in Redis, with `ns` the namespace (default ``rallypoint``) and `group` the group
 
     {ns}:{group}:peer:{name}   one member's PeerRecord as JSON, with a PX lease
     {ns}:{group}:members       set of member names (an index; stale names are dropped lazily)
+    {ns}:{group}:version       a counter bumped whenever the member list changes (see `members_version`)
     {ns}:{group}:key           the group's random 32-byte HMAC key, created by the first member, with a
                                TTL (`GROUP_KEY_TTL`) that live members renew (`renew_group_key`)
 
@@ -209,6 +210,11 @@ class Registry(Protocol):
         """Let the group's key live `ttl` seconds from now (one round trip); False if there is none."""
         ...
 
+    def members_version(self, group: str) -> int:
+        """A number that changes whenever the member list does (a member registered, re-registered, left, or
+        was found expired): one cheap read tells a member whether the whole list is worth reading again."""
+        ...
+
     def close(self) -> None:
         """Release connections; idempotent."""
         ...
@@ -351,6 +357,9 @@ class RedisRegistry:
     def _peer_key(self, group: str, name: str) -> str:
         return f"{self.namespace}:{group}:peer:{name}"
 
+    def _version_key(self, group: str) -> str:
+        return f"{self.namespace}:{group}:version"
+
     def _members_key(self, group: str) -> str:
         return f"{self.namespace}:{group}:members"
 
@@ -387,6 +396,7 @@ class RedisRegistry:
             pipe = self._client.pipeline(transaction=True)
             pipe.set(self._peer_key(group, record.name), record.to_json(), px=px)
             pipe.sadd(self._members_key(group), record.name)
+            pipe.incr(self._version_key(group))
             pipe.execute()
 
     def refresh(self, group: str, record: PeerRecord, ttl: float) -> bool:
@@ -413,6 +423,7 @@ class RedisRegistry:
             pipe = self._client.pipeline(transaction=True)
             pipe.delete(self._peer_key(group, name))
             pipe.srem(self._members_key(group), name)
+            pipe.incr(self._version_key(group))
             pipe.execute()
 
     def members(self, group: str) -> dict[str, PeerRecord]:
@@ -478,6 +489,7 @@ class RedisRegistry:
                         return
                     pipe.multi()
                     pipe.srem(self._members_key(group), *still_gone)
+                    pipe.incr(self._version_key(group))  # every member re-reads the list: a lease lapsed
                     pipe.execute()
         except RegistryError as exc:
             # Best effort: the index is only a hint; the next members() call tries again.
@@ -532,6 +544,17 @@ class RedisRegistry:
         with self._errors(f"renew the key of group {group!r}"):
             return bool(self._client.pexpire(self._group_key_key(group), px))
 
+    def members_version(self, group: str) -> int:
+        """The group's member-list version: one GET (0 before anyone registered)."""
+        _check_group(group)
+        with self._errors(f"read the member-list version of group {group!r}"):
+            value = self._client.get(self._version_key(group))
+        try:
+            return int(value) if value is not None else 0
+        except (TypeError, ValueError) as exc:
+            raise RegistryError(f"registry {self.redacted_url}: the member-list version of group {group!r} "
+                                f"is not a number: {value!r:.40}") from exc
+
     def close(self) -> None:
         """Close the connection pool; later calls raise RegistryError. Idempotent."""
         if self._closed:
@@ -575,6 +598,7 @@ class InMemoryRegistry:
             str, dict[str, tuple[str | bytes, float]]
         ] = {}  # group -> name -> (json, deadline)
         self._keys: dict[str, tuple[bytes, float]] = {}  # group -> (key, deadline)
+        self._versions: dict[str, int] = {}  # group -> member-list version
         self._closed = False
         self.malformed = 0
 
@@ -593,6 +617,7 @@ class InMemoryRegistry:
         with self._lock:
             self._check_open()
             self._entries.setdefault(group, {})[name] = (value, deadline)
+            self._bump(group)
 
     def register(self, group: str, record: PeerRecord, ttl: float) -> None:
         """Publish `record` with a lease of `ttl` seconds, replacing any entry of the same name."""
@@ -607,6 +632,8 @@ class InMemoryRegistry:
             now = self._clock()
             existed = self._live(group, record.name, now)
             self._entries.setdefault(group, {})[record.name] = (record.to_json(), now + deadline_in)
+            if not existed:
+                self._bump(group)
         if not existed:
             logger.info("registry lease of %r in group %r had lapsed; registered again", record.name, group)
         return existed
@@ -617,7 +644,8 @@ class InMemoryRegistry:
         _check_name(name)
         with self._lock:
             self._check_open()
-            self._entries.get(group, {}).pop(name, None)
+            if self._entries.get(group, {}).pop(name, None) is not None:
+                self._bump(group)
 
     def members(self, group: str) -> dict[str, PeerRecord]:
         """Live members by name; expired entries are dropped, malformed ones counted and skipped."""
@@ -626,8 +654,11 @@ class InMemoryRegistry:
             self._check_open()
             now = self._clock()
             entries = self._entries.get(group, {})
-            for name in [n for n, (_, deadline) in entries.items() if deadline <= now]:
+            expired = [n for n, (_, deadline) in entries.items() if deadline <= now]
+            for name in expired:
                 del entries[name]
+            if expired:
+                self._bump(group)
             raw = list(entries.items())
         live: dict[str, PeerRecord] = {}
         for name, (value, _) in raw:
@@ -691,6 +722,17 @@ class InMemoryRegistry:
                 return False
             self._keys[group] = (key, now + life)
             return True
+
+    def members_version(self, group: str) -> int:
+        """The group's member-list version (0 before anyone registered)."""
+        _check_group(group)
+        with self._lock:
+            self._check_open()
+            return self._versions.get(group, 0)
+
+    def _bump(self, group: str) -> None:
+        """The member list of `group` changed. Call with the lock held."""
+        self._versions[group] = self._versions.get(group, 0) + 1
 
     def close(self) -> None:
         """Forget everything; later calls raise RegistryError. Idempotent."""

@@ -108,6 +108,16 @@ def derive_group_key(secret: bytes, group: str) -> bytes:
     ).digest()
 
 
+def handshake_token(key: bytes) -> bytes:
+    """The password a member presents at the ZeroMQ handshake (ZAP, PLAIN): derived from the group key, so only
+    a key holder knows it, and useless for anything else (it travels in the clear; it is not the key).
+
+        >>> len(handshake_token(bytes(32)))
+        32
+    """
+    return hashlib.blake2b(b"handshake", key=bytes(key)[:64], digest_size=32, person=b"rp-zap-token-v1").digest()
+
+
 def key_id(key: bytes) -> str:
     """A short non-secret fingerprint of a key (8 hex digits), for logs and error messages.
 

@@ -946,6 +946,14 @@ class ZmqDriver:
 
     # -------------------------------------------------------------------------------- lifecycle
 
+    def fds(self) -> list[int]:
+        """Descriptors that turn readable when `poll(0)` may return something, for an event loop's add_reader:
+        the sockets' ZMQ_FD (edge-triggered: after one fires, call `poll(0)` until it returns nothing) and the
+        wake-up pipe."""
+        self._check_open()
+        sockets = [sock for sock in (self._in, self._mon, self._out) if sock is not None]
+        return [int(sock.fileno()) for sock in sockets] + [self._wake_r]
+
     def wakeup(self) -> None:
         """Make a blocked `poll()` return soon. Safe from any thread and from a signal handler."""
         with self._wake_lock:

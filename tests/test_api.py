@@ -25,7 +25,7 @@ def test_the_seed_names_are_at_the_top_level():
 
 
 TOP_LEVEL = [
-    "EmbeddedRegistryServer", "Error", "HoldPolicy", "InMemoryDriver", "InMemoryNetwork", "InMemoryRegistry",
+    "AsyncProxy", "EmbeddedRegistryServer", "Error", "HoldPolicy", "InMemoryDriver", "InMemoryNetwork", "InMemoryRegistry",
     "Liveness", "Message", "Proxy", "RedisRegistry", "RegisterTable", "SessionMessage", "SessionTracker",
     "SessionType", "Timeouts", "ZmqDriver", "dist", "load_spec", "parse_rule",
 ]

@@ -35,11 +35,18 @@ class ChurningRegistry(InMemoryRegistry):
         self.burst = 0
         self.version = 0
         self.reads_since_burst = 0
+        self.version_reads = 0
 
     def start_burst(self, reads: int) -> None:
         with self._lock:
             self.burst = reads
             self.reads_since_burst = 0
+
+    def members_version(self, group: str) -> int:
+        """A new version on every call: the keeper reads the whole (churning) list at each of its refreshes."""
+        with self._lock:
+            self.version_reads += 1
+            return self.version_reads
 
     def members(self, group: str) -> dict[str, PeerRecord]:
         records = super().members(group)

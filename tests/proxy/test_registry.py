@@ -432,7 +432,7 @@ def test_namespace_prefixes_every_key() -> None:
     a.register("g", rec("w"), ttl=10)
     a.group_key("g")
     assert b.members("g") == {}
-    assert sorted(raw.keys("*")) == [b"prod:g:key", b"prod:g:members", b"prod:g:peer:w"]
+    assert sorted(raw.keys("*")) == [b"prod:g:key", b"prod:g:members", b"prod:g:peer:w", b"prod:g:version"]
 
 
 # ------------------------------------------------------------------------------------ records, URLs
@@ -619,6 +619,8 @@ def test_acl_user_with_least_privilege(redis_server: Any) -> None:
         "resetchannels",
         "+set",
         "+get",
+        "+incr",
+        "+incrby",
         "+mget",
         "+del",
         "+sadd",
@@ -684,3 +686,22 @@ def test_sigkilled_peer_vanishes_by_itself(registry_url: str, tmp_path: Path) ->
     assert "registered" in proc.stdout
     reg = RedisRegistry(registry_url, timeout=1.0)
     wait_until(lambda: "doomed" not in reg.members("g"), timeout=3.0)
+
+
+def test_the_member_list_version_changes_with_the_list_and_only_then(reg: Registry) -> None:
+    before = reg.members_version("g")
+    reg.register("g", rec("w"), ttl=10)
+    joined = reg.members_version("g")
+    assert joined != before
+    assert reg.refresh("g", rec("w"), ttl=10) is True
+    reg.members("g")
+    assert reg.members_version("g") == joined  # a renewed lease and a read change nothing
+    reg.unregister("g", "w")
+    assert reg.members_version("g") not in (before, joined)
+
+
+def test_a_lapsed_lease_found_by_a_reader_changes_the_version(reg: Registry) -> None:
+    reg.register("g", rec("short"), ttl=0.3)
+    listed = reg.members_version("g")
+    wait_until(lambda: "short" not in reg.members("g"), timeout=3.0)  # the read that finds it expired
+    assert reg.members_version("g") != listed  # so every member re-reads the list

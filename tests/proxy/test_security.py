@@ -17,16 +17,20 @@ from proxy_helpers import FAST, WatchedRegistry, make_proxy, new_group
 
 from rallypoint import Message, SessionMessage
 from rallypoint.errors import ConfigError, RegistryError, Timeout
-from rallypoint.proxy import RedisRegistry, WireCodec
+from rallypoint.proxy import RedisRegistry, WireCodec, handshake_token
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def _inject(address: str, frames_list: list[list[bytes]]) -> None:
-    """Send raw multipart messages to a proxy's listening socket, as a stranger on the network would."""
+def _inject(address: str, frames_list: list[list[bytes]], key: bytes | None = None) -> None:
+    """Send raw multipart messages to a proxy's listening socket: as a stranger on the network would, or, given
+    the group key, as a key holder would (presenting the handshake token derived from it)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 1000
+    if key is not None:
+        sock.plain_username = b"rallypoint"
+        sock.plain_password = handshake_token(key)
     try:
         sock.connect(address.partition("#")[0])
         for frames in frames_list:
@@ -44,21 +48,30 @@ def _pump_until_dropped(proxy, count: int, timeout: float = 5.0) -> None:
     assert proxy.stats.dropped_frames >= count, proxy.stats
 
 
+def _key(registry_url: str, group: str) -> bytes:
+    registry = RedisRegistry(registry_url)
+    try:
+        return registry.group_key(group, create=False)
+    finally:
+        registry.close()
+
+
 def _frames(codec: WireCodec, message: Message, incarnation: str, seq: int, to_incarnation: str = ""
             ) -> list[bytes]:
     return [bytes(f) for f in codec.encode(message, incarnation=incarnation, seq=seq,
                                            to_incarnation=to_incarnation)]
 
 
-def test_garbage_and_truncated_frames_are_dropped_counted_and_logged(pair, caplog):
-    master, worker, _ = pair
+def test_garbage_and_truncated_frames_are_dropped_counted_and_logged(pair, registry_url, caplog):
+    """From a connection that passed the handshake (a key holder): the frames themselves are checked."""
+    master, worker, group = pair
     message = Message(tag="t", source="master", destination="worker_001")
     good = _frames(WireCodec(os.urandom(32), compact=False), message, master.incarnation, 1)
     [compact] = _frames(WireCodec(os.urandom(32)), message, master.incarnation, 1)
     junk = [[b""], [b"\x00" * 7], [b"garbage", b"more"], good[:1], good[:-1], [good[0], b"x", good[-1]],
             [compact[:9]], [compact[:-1]], [b"\xc1" + b"\xff" * 8]]
     with caplog.at_level(logging.WARNING, logger="rallypoint.proxy"):
-        _inject(worker.address, junk)
+        _inject(worker.address, junk, _key(registry_url, group))
         _pump_until_dropped(worker, len(junk))
     assert "dropped a frame" in caplog.text
     # ... and the receive loop goes on: a real message still arrives.
@@ -66,8 +79,8 @@ def test_garbage_and_truncated_frames_are_dropped_counted_and_logged(pair, caplo
     assert worker.receive_once(timeout=5).payload == 1
 
 
-def test_forged_frames_signed_with_another_key_never_reach_pickle(pair, monkeypatch):
-    master, worker, _ = pair
+def test_forged_frames_signed_with_another_key_never_reach_pickle(pair, registry_url, monkeypatch):
+    master, worker, group = pair
     import pickle
 
     unpickled: list[object] = []
@@ -76,7 +89,7 @@ def test_forged_frames_signed_with_another_key_never_reach_pickle(pair, monkeypa
     forged = _frames(WireCodec(os.urandom(32)),
                      Message(tag="evil", source="master", destination="worker_001", payload={"rm": "-rf"}),
                      master.incarnation, 10**6)
-    _inject(worker.address, [forged])
+    _inject(worker.address, [forged], _key(registry_url, group))
     _pump_until_dropped(worker, 1)
     assert unpickled == []
 
@@ -87,15 +100,15 @@ def test_replayed_and_misdirected_frames_are_dropped(pair, registry_url):
     codec = WireCodec(key)
     genuine = _frames(codec, Message(tag="once", source="master", destination="worker_001", payload="x"),
                       master.incarnation, 10**9)
-    _inject(worker.address, [genuine, genuine])
+    _inject(worker.address, [genuine, genuine], key)
     assert worker.receive_once(timeout=5).tag == "once"  # the first copy is genuine
     _pump_until_dropped(worker, 1)  # the replay is not
     elsewhere = _frames(codec, Message(tag="x", source="master", destination="someone_else"),
                         master.incarnation, 10**9 + 1)
-    _inject(worker.address, [elsewhere])
+    _inject(worker.address, [elsewhere], key)
     _pump_until_dropped(worker, 2)
     stranger = _frames(codec, Message(tag="x", source="ghost", destination="worker_001"), "f" * 32, 1)
-    _inject(worker.address, [stranger])
+    _inject(worker.address, [stranger], key)
     _pump_until_dropped(worker, 3)
 
 
@@ -119,11 +132,12 @@ def _wait_for(condition, what: str, proxy, timeout: float = 5.0) -> None:
 
 def test_frames_from_an_unlisted_sender_cost_one_registry_read_not_one_each(watched_pair, registry_url):
     master, worker, registry, group = watched_pair
-    codec = WireCodec(RedisRegistry(registry_url).group_key(group))
+    key = _key(registry_url, group)
+    codec = WireCodec(key)
     ghosts = [_frames(codec, Message(tag="x", source="ghost", destination="worker_001"), "e" * 32, seq)
               for seq in range(1, 21)]
     reads_before = registry.prompted_reads
-    _inject(worker.address, ghosts)
+    _inject(worker.address, ghosts, key)
     _pump_until_dropped(worker, 20)
     # The first frame looks the sender up; the rest are dropped without a read (2 allows for a stall of over
     # a second between frames on a slow machine; one read per frame would be 20).
@@ -134,7 +148,7 @@ def test_frames_from_an_unlisted_sender_cost_one_registry_read_not_one_each(watc
     _wait_for(lambda: registry.failed_calls >= 2, "the lease keeper never tried the registry", worker)
     reads_before = registry.member_reads
     _inject(worker.address, [_frames(codec, Message(tag="x", source="ghost2", destination="worker_001"),
-                                             "d" * 32, 1)])
+                                             "d" * 32, 1)], key)
     _pump_until_dropped(worker, 21)
     assert registry.member_reads == reads_before
     registry.down = False
@@ -152,7 +166,7 @@ def test_a_new_group_key_in_the_registry_is_adopted_on_the_first_frame_signed_wi
     forged = [_frames(forger, Message(tag="x", source="master", destination="worker_001"), master.incarnation,
                       10**6 + seq) for seq in range(20)]
     reads_before = registry.key_reads
-    _inject(worker.address, forged)
+    _inject(worker.address, forged, _key(registry_url, group))  # a key holder's connection, forged frames
     _pump_until_dropped(worker, 20)
     # 2: a stall of over a second between frames
     assert 1 <= registry.key_reads - reads_before <= 2 and worker.stats.rekeyed == 0
@@ -174,12 +188,26 @@ def test_a_new_group_key_in_the_registry_is_adopted_on_the_first_frame_signed_wi
     assert master.receive_once(timeout=5).payload == 4
 
 
-def test_unsigned_frames_are_dropped(pair):
-    master, worker, _ = pair
+def test_unsigned_frames_are_dropped(pair, registry_url):
+    master, worker, group = pair
     unsigned = _frames(WireCodec(None), Message(tag="x", source="master", destination="worker_001"),
                        master.incarnation, 10**9)
-    _inject(worker.address, [unsigned])
+    _inject(worker.address, [unsigned], _key(registry_url, group))
     _pump_until_dropped(worker, 1)
+
+
+def test_a_stranger_is_refused_at_the_handshake_before_it_costs_anything(pair, registry_url):
+    """Without the handshake token derived from the group key, a connection never gets to send a frame: nothing
+    is buffered, decoded or counted as a dropped frame; the refusals are counted by the driver."""
+    master, worker, group = pair
+    message = Message(tag="x", source="master", destination="worker_001", payload="sneaky")
+    genuine = _frames(WireCodec(_key(registry_url, group)), message, master.incarnation, 10**9)
+    _inject(worker.address, [genuine, [b"garbage"]])  # no token: even a genuine frame does not get through
+    _inject(worker.address, [genuine], key=os.urandom(32))  # a token from another key
+    with pytest.raises(Timeout):
+        worker.receive_once(timeout=0.5)
+    assert worker.stats.dropped_frames == 0 and worker.stats.received == 0
+    assert worker.refused_handshakes >= 2
 
 
 def test_oversized_messages_are_refused_and_the_proxy_keeps_serving(registry_url):
@@ -187,7 +215,7 @@ def test_oversized_messages_are_refused_and_the_proxy_keeps_serving(registry_url
     with make_proxy(registry_url, group, "master", "master") as master, \
             make_proxy(registry_url, group, "worker", "worker_001", expected_peers={"master": 1},
                        max_message_bytes=64 * 1024) as worker:
-        _inject(worker.address, [[b"\x00" * 200_000]])
+        _inject(worker.address, [[b"\x00" * 200_000]], _key(registry_url, group))
         master.isend(Message(tag="small", source="master", destination="worker_001", payload=1))
         assert worker.receive_once(timeout=5).tag == "small"
 
@@ -256,12 +284,13 @@ def test_malformed_registry_entries_do_not_stop_a_join(registry_url):
 
 def test_frames_meant_for_an_earlier_process_under_the_same_name_are_dropped(pair, registry_url):
     master, worker, group = pair
-    codec = WireCodec(RedisRegistry(registry_url).group_key(group))
+    key = _key(registry_url, group)
+    codec = WireCodec(key)
     stale = _frames(codec, Message(tag="old", source="master", destination="worker_001"),
                        master.incarnation, 10**9, to_incarnation="0" * 32)
     fresh = _frames(codec, Message(tag="new", source="master", destination="worker_001"),
                        master.incarnation, 10**9 + 1, to_incarnation=worker.incarnation)
-    _inject(worker.address, [stale, fresh])
+    _inject(worker.address, [stale, fresh], key)
     assert worker.receive_once(timeout=5).tag == "new"
     assert worker.stats.dropped_frames == 1
 
