@@ -40,8 +40,9 @@ class Admission:
         self._seen_order: deque[str] = deque()
         self._drops = DropLog(logger, name)
 
-    def admit(self, frames: Sequence[Any]) -> Envelope | None:
-        """The verified envelope of `frames` if they are taken; None (counted, logged) if not."""
+    def admit(self, frames: Sequence[Any], origin: bytes = b"") -> Envelope | None:
+        """The verified envelope of `frames` (received on connection `origin`) if they are taken; None (counted,
+        logged) if not."""
         try:
             try:
                 envelope = self._codec.open(frames)
@@ -62,7 +63,7 @@ class Admission:
                 record = self._membership.record(source)
                 if record is None or record.incarnation != header.incarnation:
                     self._check_sender(header)
-            self._replay.check(source, header.incarnation, header.seq)
+            self._replay.check(source, header.incarnation, header.seq, origin)
         except FrameError as exc:
             self.drop(exc, "")
             return None
@@ -79,6 +80,10 @@ class Admission:
             if len(order) > self._dedup_window:
                 seen.discard(order.popleft())
         return envelope
+
+    def note_drop(self, reason: str, peer: str, detail: str, level: int = logging.WARNING) -> None:
+        """Log (rate-limited) a message dropped after admission: from a full inbox, or late in its session."""
+        self._drops.drop(reason, peer, detail, level)
 
     def drop(self, exc: FrameError, peer: str) -> None:
         """Count and (rate-limited) log a frame dropped for `exc`."""

@@ -359,7 +359,7 @@ class AsyncProxy:
                 busy = True
                 for event in events:
                     if event.kind == "frames":
-                        core._take_frames(event.frames or ())
+                        core._take_frames(event.frames or (), event.origin)
                     elif event.peer is not None:
                         self._peer_events.append(event)
             if self._peer_events:

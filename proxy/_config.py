@@ -101,7 +101,8 @@ class Liveness:
 class HoldPolicy:
     """What is kept for a peer that is gone, to deliver when it comes back under the same name.
 
-    Past `max_messages` (per peer) a new message is refused with `DeliveryRefused`; a held message
+    Past `max_messages` or `max_bytes` (per peer; bytes of encoded payload) a new message is refused with
+    `DeliveryRefused`; a held message
     older than `max_age` seconds is dropped, logged and counted, and whoever waits for its reply gets
     `DeliveryRefused` (checked while a caller waits in `receive_by_id`, on the next send to that peer,
     and when it comes back). `max_messages=0` turns holding off: sends to a gone peer fail at once.
@@ -115,10 +116,13 @@ class HoldPolicy:
     max_messages: int = 10_000
     max_age: float = 300.0
     dedup_window: int = 100_000
+    max_bytes: int | None = 256 << 20
 
     def __post_init__(self) -> None:
         if self.max_messages < 0 or self.max_age <= 0 or self.dedup_window < 0:
             raise ConfigError("HoldPolicy needs max_messages >= 0, max_age > 0 and dedup_window >= 0")
+        if self.max_bytes is not None and self.max_bytes < 0:
+            raise ConfigError("HoldPolicy.max_bytes must be >= 0 or None")
 
 
 def deadline_after(timeout: float | None) -> float | None:

@@ -26,6 +26,7 @@ from ._config import deadline_after, time_left
 __all__ = ["Driver", "DriverEvent", "InMemoryDriver", "InMemoryNetwork"]
 
 _RETRY = 0.05  # seconds between two handshakes of a refused channel while wait_up() waits
+_origins = itertools.count(1)
 _new_tuple = tuple.__new__  # builds a DriverEvent without NamedTuple's __new__ (a Python function)
 
 
@@ -35,6 +36,9 @@ class DriverEvent(NamedTuple):
     kind: str  # "frames" | "up" | "down"
     peer: str | None = None  # for "up"/"down"
     frames: list[Any] | None = None  # for "frames": bytes, or memoryviews for big frames
+    # For "frames": which inbound connection they came on (opaque; the same for every message of one connection),
+    # so that a sender's sequence can be tied to its own connection.
+    origin: bytes = b""
 
 
 @runtime_checkable
@@ -207,6 +211,7 @@ class InMemoryDriver:
         self._accept: Callable[[bytes], bool] | None = None
         self.refused_handshakes = 0
         self._refused: set[str] = set()  # addresses that refused us: retried while waiting, like ZeroMQ
+        self._origin = next(_origins).to_bytes(8, "big")  # our "connection", as receivers see it
 
     def _retry_refused(self) -> None:
         """Try the handshake again with every peer whose address refused us (caller holds the lock)."""
@@ -294,7 +299,7 @@ class InMemoryDriver:
             if not self._closed and peer in self._up:  # the common case: an up channel with room, no waiting
                 target = net._bound.get(self._peers[peer])
                 if target is not None and len(target._events) < net.hwm:
-                    target._events.append(_new_tuple(DriverEvent, ("frames", None, copied)))
+                    target._events.append(_new_tuple(DriverEvent, ("frames", None, copied, self._origin)))
                     if net._sleepers:
                         self._cond.notify_all()
                     return
@@ -305,7 +310,7 @@ class InMemoryDriver:
                     raise PeerUnreachable(peer, f"no channel to {peer!r}: connect() it first")
                 target = net._bound.get(self._peers[peer]) if peer in self._up else None
                 if target is not None and len(target._events) < net.hwm:
-                    target._events.append(DriverEvent("frames", None, copied))
+                    target._events.append(DriverEvent("frames", None, copied, self._origin))
                     self._cond.notify_all()
                     return
                 left = time_left(deadline)

@@ -9,7 +9,8 @@ from rallypoint.engine import Message
 
 
 class Inbox:
-    """Buffered messages in arrival order and by session; at most `limit` of them.
+    """Buffered messages in arrival order and by session; at most `limit` of them, and at most `byte_limit`
+    bytes as they arrived on the wire (the oldest make room, and are returned to be counted and logged).
 
     Arrival order is a deque of the messages themselves. A message taken by session from the middle of it
     (not from either end) stays there as a tombstone (its `id()` in `_taken`; the deque keeps the object
@@ -17,19 +18,32 @@ class Inbox:
     buffered messages and the deque is rebuilt without them: memory stays bounded by about 2 x `limit`.
     """
 
-    __slots__ = ("limit", "_order", "_by_session", "_taken", "_count")
+    __slots__ = ("limit", "byte_limit", "_order", "_by_session", "_taken", "_count", "_sizes", "_bytes")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, byte_limit: int | None = None) -> None:
         self.limit = limit
+        self.byte_limit = byte_limit
+        self._sizes: dict[int, int] = {}  # id(message) -> its size on the wire, for the byte bound
+        self._bytes = 0
         self._order: deque[Message] = deque()
         # session id -> its one buffered message (the common case), or a deque of them, oldest first
         self._by_session: dict[str, Message | deque[Message]] = {}
         self._taken: set[int] = set()
         self._count = 0
 
-    def put(self, message: Message) -> Message | None:
-        """Buffer `message`; when full, the oldest buffered message makes room and is returned."""
-        evicted = self.take() if self._count >= self.limit else None
+    def put(self, message: Message, nbytes: int = 0) -> list[Message]:
+        """Buffer `message` (`nbytes` on the wire); when full, in messages or bytes, the oldest buffered
+        messages make room and are returned."""
+        evicted: list[Message] = []
+        if self._count >= self.limit:
+            evicted.append(self.take())  # type: ignore[arg-type]
+        if nbytes:
+            limit = self.byte_limit
+            if limit is not None:
+                while self._count and self._bytes + nbytes > limit:
+                    evicted.append(self.take())  # type: ignore[arg-type]
+            self._sizes[id(message)] = nbytes
+            self._bytes += nbytes
         self._order.append(message)
         self._count += 1
         sid = message.session_id
@@ -53,6 +67,8 @@ class Inbox:
                 taken.discard(id(message))
                 continue
             self._count -= 1
+            if self._sizes:
+                self._bytes -= self._sizes.pop(id(message), 0)
             by_session = self._by_session
             sid = message.session_id
             same = by_session[sid]
@@ -79,6 +95,8 @@ class Inbox:
             message = same  # type: ignore[assignment]
             del by_session[session_id]
         self._count -= 1
+        if self._sizes:
+            self._bytes -= self._sizes.pop(id(message), 0)
         order = self._order
         if order[-1] is message:  # the newest (a reply that just came): no tombstone needed
             order.pop()
@@ -97,6 +115,11 @@ class Inbox:
 
     def has_session(self, session_id: str) -> bool:
         return session_id in self._by_session
+
+    @property
+    def nbytes(self) -> int:
+        """The buffered messages' size on the wire."""
+        return self._bytes
 
     def __len__(self) -> int:
         return self._count

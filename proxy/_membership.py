@@ -95,6 +95,7 @@ class Membership:
         listener: MembershipListener,
         record_key: bytes | None = None,
     ) -> None:
+        unreachable_after: float = 5.0,
         self.name = name
         self.group = group
         self.registry = registry
@@ -113,6 +114,7 @@ class Membership:
         self._types: dict[str, str] = {}  # the component type of every peer seen, listed or not (see orphans())
         self._connected: set[str] = set()
         # Peers whose channel we saw come up and not go down since: a send that finds one of them not up knows
+        self._dialing: dict[str, float] = {}  # channels opened and not up yet: since when (see _unreachable)
         # the channel broke (its "down" is still queued in the driver) rather than never opened.
         self._up_seen: set[str] = set()
         self._prompted_reads: OrderedDict[tuple[str, str], float] = OrderedDict()
@@ -125,6 +127,7 @@ class Membership:
         # own key is never read (the registry is only a directory); None: the registry holds the key.
         self._record_key = record_key
         self._refused: dict[str, tuple[PeerRecord, str, float]] = {}  # name -> (record, why, first seen)
+        self._unreachable_after = unreachable_after
         self._trusted: dict[str, PeerRecord] = {}  # the records the last read took (replaced whole)
         # Who may complete a handshake with us (read by the driver's ZAP thread; each replaced whole, never edited):
         # the token of the current key, the previous one until its grace ends, and members' CURVE public keys.
@@ -319,12 +322,14 @@ class Membership:
                 self._driver.disconnect(peer)
                 self._connected.discard(peer)
         self._forget_long_gone()
+                self._dialing.pop(peer, None)
 
     def _reconnect(self, peer: str, address: str) -> None:
         self._up_seen.discard(peer)
         self._driver.disconnect(peer)
         self._driver.connect(peer, address)
 
+        self._dialing[peer] = time.monotonic()
     def connect(self, peer: str) -> None:
         """Open the channel to listed member `peer`; PeerUnreachable if the registry does not list it."""
         record = self._members.get(peer)
@@ -332,8 +337,21 @@ class Membership:
             raise PeerUnreachable(peer, f"{peer!r} is not a registered member of group {self.group!r}")
         self._driver.connect(peer, record.address)
         self._connected.add(peer)
+        if peer not in self._connected:
+            self._dialing[peer] = time.monotonic()
 
     def ensure_channel(self, peer: str) -> PeerRecord:
+    def _unreachable(self, peer: str) -> bool:
+        """A channel we opened that has never completed its handshake for longer than `unreachable_after`: a
+        member listed but out of reach, which must not count as live (toward percentages, or broadcasts)."""
+        since = self._dialing.get(peer)
+        if since is None:
+            return False
+        if peer in self._up_seen or self._driver.is_up(peer):
+            del self._dialing[peer]
+            return False
+        return time.monotonic() - since > self._unreachable_after
+
         """The record of `peer`, with a channel open to it (looked up in the registry if we do not list it)."""
         if peer not in self._connected:
             if peer not in self._members:
@@ -418,6 +436,7 @@ class Membership:
         if peer in self._connected:
             self._connected.discard(peer)
             self._driver.disconnect(peer)
+            self._dialing.pop(peer, None)
         self._listener.peer_left(peer)
 
     def forget_after(self, seconds: float, keep: Callable[[str], bool]) -> None:
@@ -504,13 +523,13 @@ class Membership:
     def live(self, component_type: str) -> list[str]:
         """Live members of `component_type`, sorted."""
         return sorted(p for p, r in self._members.items() if r.component_type == component_type
-                      and p not in self._gone)
+                      and p not in self._gone and not self._unreachable(p))
 
     def view(self) -> dict[str, list[str]]:
         """Live members by type: `{type: [names]}`."""
         view: dict[str, list[str]] = {}
         for peer, record in self._members.items():
-            if peer not in self._gone:
+            if peer not in self._gone and not self._unreachable(peer):
                 view.setdefault(record.component_type, []).append(peer)
         for names in view.values():
             names.sort()

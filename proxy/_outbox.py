@@ -25,7 +25,8 @@ from ._wire import WireCodec
 
 logger = logging.getLogger(__name__)
 
-_Held = tuple[float, Message]  # (when it was held, monotonic; the message)
+# (when it was held, monotonic; the message; its payload encoded once, reused when it goes out; that size)
+_Held = tuple[float, Message, tuple[list[Any], int], int]
 
 
 class OutboxListener(Protocol):
@@ -51,11 +52,14 @@ class Outbox:
         self._listener = listener
         self._seq = 0
         self._held: dict[str, deque[_Held]] = {}
+        self._held_bytes: dict[str, int] = {}  # per peer: the size of its held messages' encoded payloads
 
-    def send(self, message: Message, encoded_payload: tuple[list[Any], int] | None = None) -> bool:
+    def send(self, message: Message, encoded_payload: tuple[list[Any], int] | None = None,
+             wait: float | None = None) -> bool:
         """Send `message` now (True) or hold it for its gone peer (False). `encoded_payload`: the payload already
-        encoded once for many messages (a broadcast). Raises DeliveryRefused when the hold is full,
-        PeerUnreachable for a peer the registry does not list or that never completes its handshake."""
+        encoded once for many messages (a broadcast). `wait`: how long a channel still in its handshake, or a full
+        queue, is waited for (default `Timeouts.connect`). Raises DeliveryRefused when the hold is full,
+        PeerUnreachable for a peer the registry does not list or that does not complete its handshake in time."""
         peer = message.destination
         membership = self._membership
         if membership.is_gone(peer) or peer in self._held:  # behind what is held already, to keep the order
@@ -63,12 +67,13 @@ class Outbox:
             if not membership.is_gone(peer):
                 self.flush(peer)  # an earlier flush stalled (full queue): try again
             return False
-        if not self._send_now(peer, message, encoded_payload):
+        if not self._send_now(peer, message, encoded_payload, wait):
             self._hold(peer, message)
             return False
         return True
 
-    def _send_now(self, peer: str, message: Message, encoded_payload: tuple[list[Any], int] | None = None) -> bool:
+    def _send_now(self, peer: str, message: Message, encoded_payload: tuple[list[Any], int] | None = None,
+                  wait: float | None = None) -> bool:
         """Send to a peer not known to be gone; False (sending nothing) if its channel turned out broken."""
         record = self._membership.ensure_channel(peer)
         self._seq += 1
@@ -83,7 +88,7 @@ class Outbox:
                 self._membership.channel_down(peer)
                 return False
             # A new channel still in its handshake, or a full queue: wait for it, boundedly.
-            self._driver.send(peer, frames, timeout=self._connect_timeout)
+            self._driver.send(peer, frames, timeout=self._connect_timeout if wait is None else wait)
         self._stats.sent += 1
         return True
 
@@ -110,15 +115,23 @@ class Outbox:
             self._expire(peer, queue)
             queue = self._held.get(peer)  # gone if everything in it expired
         held = len(queue or ())
-        if held >= self._hold_policy.max_messages:
+        policy = self._hold_policy
+        encoded = self._codec.encode_payload(message.payload)
+        nbytes = sum(memoryview(frame).nbytes for frame in encoded[0])
+        held_bytes = self._held_bytes.get(peer, 0)
+        over = ("HoldPolicy.max_messages" if held >= policy.max_messages else
+                "HoldPolicy.max_bytes" if policy.max_bytes is not None and held_bytes + nbytes > policy.max_bytes
+                else None)
+        if over is not None:
             self._stats.refused += 1
-            logger.warning("%s: refusing message %s for gone peer %r: %d already held (HoldPolicy.max_messages)",
-                           self._name, message.message_id, peer, held)
+            logger.warning("%s: refusing message %s for gone peer %r: %d messages (%d bytes) already held (%s)",
+                           self._name, message.message_id, peer, held, held_bytes, over)
             raise DeliveryRefused(peer, f"message {message.message_id} for gone peer {peer!r} refused: "
-                                        f"{held} messages held for it already")
+                                        f"{held} messages ({held_bytes} bytes) held for it already ({over})")
         if queue is None:
             queue = self._held[peer] = deque()
-        queue.append((time.monotonic(), message))
+        queue.append((time.monotonic(), message, encoded, nbytes))
+        self._held_bytes[peer] = held_bytes + nbytes
         self._stats.held += 1
         logger.info("%s: peer %r is gone; holding message %s (%d held)", self._name, peer, message.message_id,
                     len(queue))
@@ -126,13 +139,15 @@ class Outbox:
     def _expire(self, peer: str, queue: deque[_Held]) -> None:
         cutoff = time.monotonic() - self._hold_policy.max_age
         while queue and queue[0][0] < cutoff:
-            _, message = queue.popleft()
+            _, message, _, nbytes = queue.popleft()
+            self._held_bytes[peer] -= nbytes
             self._stats.held_expired += 1
             logger.warning("%s: held message %s for %r dropped: older than HoldPolicy.max_age=%ss", self._name,
                            message.message_id, peer, self._hold_policy.max_age)
             self._listener.held_expired(message, peer)
         if not queue and self._held.get(peer) is queue:
             del self._held[peer]
+            self._held_bytes.pop(peer, None)
 
     def expire(self) -> float | None:
         """Drop held messages past their age; returns seconds until the next one would expire (None: none)."""
@@ -151,9 +166,9 @@ class Outbox:
         self._expire(peer, queue)
         delivered = 0
         while queue:
-            message = queue[0][1]
+            _, message, encoded, nbytes = queue[0]
             try:
-                sent = self._send_now(peer, message)
+                sent = self._send_now(peer, message, encoded)
             except (PeerUnreachable, Timeout) as exc:
                 logger.warning("%s: %r came back but delivery stalled (%s); %d still held", self._name, peer, exc,
                                len(queue))
@@ -163,19 +178,21 @@ class Outbox:
                                self._name, peer, len(queue))
                 return
             queue.popleft()  # only once the driver took it: a message is never sent twice
+            self._held_bytes[peer] -= nbytes
             delivered += 1
             self._listener.held_delivered(message)
         self._held.pop(peer, None)
+        self._held_bytes.pop(peer, None)
         logger.info("%s: delivered %d held messages to %r", self._name, delivered, peer)
 
     def held_sessions(self, peer: str) -> set[str]:
         """Session ids of the messages held for `peer`."""
-        return {message.session_id for _, message in self._held.get(peer, ())}
+        return {held[1].session_id for held in self._held.get(peer, ())}
 
     def held_messages(self) -> Iterator[Message]:
         """Every held message, by peer then age."""
         for queue in self._held.values():
-            for _, message in queue:
+            for _, message, _, _ in queue:
                 yield message
 
     def held_count(self, peer: str | None = None) -> int:

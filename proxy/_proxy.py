@@ -133,6 +133,7 @@ class Proxy:
         catalog: SessionCatalog | None = None,
         specs: Iterable[Any] = (),
         max_buffered: int = 100_000,
+        max_buffered_bytes: int | None = 1 << 30,
         max_message_bytes: int = 1 << 31,
         secret: str | bytes | None = None,
     ) -> None:
@@ -167,7 +168,9 @@ class Proxy:
         self._secret = secret_from(secret, os.environ)  # the trust root, when given: the registry never sees it
         self._incarnation = uuid.uuid4().hex
         self._book = SessionBook(max_finished=max_buffered)
-        self._inbox = Inbox(max_buffered)
+        if max_buffered_bytes is not None and max_buffered_bytes < 1:
+            raise ConfigError("max_buffered_bytes must be >= 1 or None")
+        self._inbox = Inbox(max_buffered, max_buffered_bytes)
         self._stop_requested = threading.Event()
         self._close_lock = threading.Lock()
         self._membership: Membership | None = None
@@ -200,6 +203,7 @@ class Proxy:
             key=key, liveness=self.liveness, stats=self.stats, listener=self,
             wanted=lambda record: record.component_type in self.expected_peers,
             record_key=key if self._secret is not None else None,
+            unreachable_after=self.timeouts.connect if self.timeouts.connect is not None else 5.0,
         )
         membership.guard()  # before bind: no connection is taken before it proved it belongs to the group
         bind_host = host if host is not None else _reachable_host(getattr(self._registry, "host", None))
@@ -477,17 +481,38 @@ class Proxy:
     def iscatter(self, tag: Any, session_type: SessionType | str,
                  destination_payload_list: Iterable[tuple[str, Any]]) -> list[str]:
         """Send one message per (destination, payload) without waiting; returns their session ids."""
+        return self._scatter_messages(tag, session_type, destination_payload_list, None)
+
+    def _scatter_messages(self, tag: Any, session_type: SessionType | str,
+                          destination_payload_list: Iterable[tuple[str, Any]], deadline: float | None) -> list[str]:
         return self._dispatch_all([
             SessionMessage(tag, self.name, destination, payload, session_type)
             for destination, payload in destination_payload_list
-        ])
+        ], deadline=deadline)
 
     def scatter(self, tag: Any, session_type: SessionType | str,
                 destination_payload_list: Iterable[tuple[str, Any]], timeout: float | None | Any = UNSET
                 ) -> list[Message]:
         """Send one message per (destination, payload) and wait for every reply (none for a notification:
-        answers to one-way messages come through `receive()`)."""
-        return self._replies_to(self.iscatter(tag, session_type, destination_payload_list), timeout)
+        answers to one-way messages come through `receive()`). `timeout` bounds the whole call, the handshakes
+        of new channels included: unreachable peers raise PeerUnreachable (with `.replies` from the others)."""
+        return self._gather(lambda deadline: self._scatter_messages(tag, session_type, destination_payload_list,
+                                                                    deadline), timeout)
+
+    def _gather(self, dispatch: Callable[[float | None], list[str]], timeout: float | None | Any) -> list[Message]:
+        """Send (`dispatch`), then wait for the replies, all within one deadline. If some could not be sent, the
+        replies of the others are still waited for, and the error raised then carries them."""
+        limit = self.timeouts.reply if timeout is UNSET else timeout
+        deadline = deadline_after(limit)
+        try:
+            session_ids = dispatch(deadline)
+        except (PeerUnreachable, Timeout, DeliveryRefused) as exc:
+            try:
+                exc.replies = self._replies_to(list(exc.session_ids), time_left(deadline))
+            except TransportError as later:
+                exc.replies = list(later.replies)
+            raise
+        return self._replies_to(session_ids, time_left(deadline))
 
     def _replies_to(self, session_ids: list[str], timeout: float | None | Any) -> list[Message]:
         waiting = [sid for sid in session_ids if (record := self._book.get(sid)) is None or record.awaiting
@@ -500,6 +525,10 @@ class Proxy:
 
         The targets are `peers[component_type]`: a peer declared gone is not live and is skipped.
         """
+        return self._broadcast_messages(component_type, tag, session_type, payload, None)
+
+    def _broadcast_messages(self, component_type: str, tag: Any, session_type: SessionType | str, payload: Any,
+                            deadline: float | None) -> list[str]:
         self._check_open()
         self._members().absorb()
         targets = self._members().live(component_type)
@@ -509,13 +538,15 @@ class Proxy:
         # Serialize the payload once for every target, not once per target (a parameter server broadcasting its
         # weights). A message held for a gone peer is encoded again when it goes out.
         encoded = self._codec.encode_payload(payload) if len(targets) > 1 and payload is not None else None
-        return self._dispatch_all(messages, encoded)
+        return self._dispatch_all(messages, encoded, deadline)
 
     def broadcast(self, component_type: str, tag: Any, session_type: SessionType | str, payload: Any = None,
                   timeout: float | None | Any = UNSET) -> list[Message]:
         """Send `payload` to every live peer of `component_type` and wait for all their replies (none for a
-        notification: answers to one-way messages come through `receive()`)."""
-        return self._replies_to(self.ibroadcast(component_type, tag, session_type, payload), timeout)
+        notification: answers to one-way messages come through `receive()`). `timeout` bounds the whole call, as
+        for `scatter`."""
+        return self._gather(lambda deadline: self._broadcast_messages(component_type, tag, session_type, payload,
+                                                                      deadline), timeout)
 
     def reply(self, message: Message, tag: Any = None, payload: Any = None, *, event: str | None = None
               ) -> list[str]:
@@ -558,8 +589,9 @@ class Proxy:
             raise
         return [onward.session_id]
 
-    def _dispatch(self, message: Message, encoded_payload: tuple[list[Any], int] | None = None) -> str:
-        """Start (or continue) the session of a message we originate, and send it."""
+    def _dispatch(self, message: Message, encoded_payload: tuple[list[Any], int] | None = None,
+                  wait: float | None = None) -> str:
+        """Start (or continue) the session of a message we originate, and send it (`wait`: see Outbox.send)."""
         self._check_open()
         self._check_source(message)
         members = self._members()
@@ -570,7 +602,7 @@ class Proxy:
         record = self._book.open(message, kind)
         sid = message.session_id
         try:
-            sent = self._send_to_peer(message, encoded_payload)
+            sent = self._send_to_peer(message, encoded_payload, wait)
         except BaseException as exc:
             if isinstance(exc, Error):  # never sent, so the session cannot go on: end it, the error says why
                 self._book.end(sid, Ended.FAILED, event="timeout" if isinstance(exc, Timeout) else "peer_lost")
@@ -581,28 +613,61 @@ class Proxy:
             self._book.sent_one_way(sid)  # nothing comes back for it: it leaves the live index
         return sid
 
-    def _dispatch_all(self, messages: Sequence[Message], encoded_payload: tuple[list[Any], int] | None = None
-                      ) -> list[str]:
+    def _dispatch_all(self, messages: Sequence[Message], encoded_payload: tuple[list[Any], int] | None = None,
+                      deadline: float | None = None) -> list[str]:
         # Every message goes out (or is held) before any error is raised, so one bad peer does not keep the
-        # others from getting their share; the first error is raised afterwards, naming the sessions sent.
-        session_ids: list[str] = []
+        # others from getting their share; the first error is raised afterwards, naming the sessions sent. Peers
+        # whose channel is up get theirs at once; the channels still missing are opened together and each message
+        # goes as soon as its handshake completes, all within `Timeouts.connect` and the call's `deadline`: N
+        # unreachable peers cost one wait, not N.
+        membership = self._members()
+        sent: dict[str, str] = {}  # message id -> session id, to return them in the order given
         first_error: TransportError | None = None
-        for message in messages:
+
+        def dispatch(message: Message, wait: float | None) -> None:
+            nonlocal first_error
             try:
-                session_ids.append(self._dispatch(message, encoded_payload))
+                sent[message.message_id] = self._dispatch(message, encoded_payload, wait)
             except (PeerUnreachable, Timeout, DeliveryRefused) as exc:
                 first_error = first_error or exc
+
+        dialing: list[Message] = []
+        for message in messages:
+            peer = message.destination
+            if self._driver.is_up(peer) or membership.state(peer) != "up":
+                dispatch(message, None)  # up (a full queue may be waited for), or held, or unknown: it says so
+            else:
+                dialing.append(message)
+        if dialing:
+            budget = _sooner(self.timeouts.connect, time_left(deadline))
+            ready_by = None if budget is None else time.monotonic() + budget
+            for peer in {m.destination for m in dialing}:
+                try:
+                    membership.ensure_channel(peer)
+                except PeerUnreachable:
+                    pass  # not listed any more: its send says so
+            while dialing:
+                up = [m for m in dialing if self._driver.is_up(m.destination)]
+                left = time_left(ready_by)
+                for message in up if left is None or left > 0 else dialing:
+                    dispatch(message, left if left is None else max(0.0, left))
+                went = {id(m) for m in up}
+                dialing = [m for m in dialing if id(m) not in went] if left is None or left > 0 else []
+                if dialing:
+                    self._driver.wait_up({m.destination for m in dialing}, _sooner(0.05, left))
+        session_ids = [sent[m.message_id] for m in messages if m.message_id in sent]
         if first_error is not None:
             first_error.session_ids = tuple(session_ids)
             raise first_error
         return session_ids
 
-    def _send_to_peer(self, message: Message, encoded_payload: tuple[list[Any], int] | None = None) -> bool:
+    def _send_to_peer(self, message: Message, encoded_payload: tuple[list[Any], int] | None = None,
+                      wait: float | None = None) -> bool:
         if not message.destination:
             raise ConfigError(f"message {message.message_id} names no destination")
         if message.destination == self.name:
             raise ConfigError(f"{self.name!r} cannot send to itself")
-        return self._outbox.send(message, encoded_payload)
+        return self._outbox.send(message, encoded_payload, wait)
 
     def _check_source(self, message: Message) -> None:
         """A message says who sent it: this proxy. Left out, it is filled in; another name is a mistake that
@@ -777,7 +842,7 @@ class Proxy:
         peer_events = None
         for event in self._driver.poll(timeout):
             if event.kind == "frames":
-                self._take_frames(event.frames or ())
+                self._take_frames(event.frames or (), event.origin)
             elif event.peer is not None:
                 peer_events = peer_events or []
                 peer_events.append(event)
@@ -804,12 +869,12 @@ class Proxy:
                 return
             for event in self._driver.poll(left):
                 if event.kind == "frames":
-                    self._take_frames(event.frames or ())
+                    self._take_frames(event.frames or (), event.origin)
                 else:
                     peer_events.append(event)
 
-    def _take_frames(self, frames: Sequence[Any]) -> None:
-        envelope = self._admission.admit(frames)
+    def _take_frames(self, frames: Sequence[Any], origin: bytes = b"") -> None:
+        envelope = self._admission.admit(frames, origin)
         if envelope is None:
             return
         try:
@@ -827,17 +892,18 @@ class Proxy:
                 # Its session already ended without it (its peer was declared gone first; the caller got
                 # PeerGone): an outcome is decided once, so the late answer goes, logged and counted.
                 self.stats.dropped_late += 1
-                logger.warning("%s: dropped message %s from %r: its session %s already failed", self.name,
-                               message.message_id, message.source, message.session_id)
+                self._admission.note_drop("late", message.source, f"message {message.message_id} from "
+                                          f"{message.source!r}: its session {message.session_id} already failed")
                 return
             self._note_arrival(message, arrival)
-        evicted = self._inbox.put(message)
-        if evicted is not None:
+        for evicted in self._inbox.put(message, envelope.nbytes):
             # Never drop data silently: the oldest unclaimed message goes, loudly. Reaching this means nothing
             # consumes receive() while receive_by_id waits for other sessions.
             self.stats.dropped_unclaimed += 1
-            logger.error("%s: %d unclaimed messages buffered; dropped the oldest (%s)", self.name,
-                         self.max_buffered, evicted.message_id)
+            self._admission.note_drop("unclaimed", evicted.source, f"the oldest unclaimed message "
+                                      f"({evicted.message_id}): {len(self._inbox)} messages, {self._inbox.nbytes} "
+                                      f"bytes buffered (max_buffered={self.max_buffered}, "
+                                      f"max_buffered_bytes={self._inbox.byte_limit})", logging.ERROR)
 
     def _on_control(self, message: Message, incarnation: str) -> None:
         """A message of the proxies' own: a peer's goodbye."""

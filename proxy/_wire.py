@@ -996,7 +996,7 @@ def _expected_mac(scheme: _MacScheme, header: Any, payload: Sequence[Any], lengt
 # ---------------------------------------------------------------------------------- replay guard
 
 class ReplayGuard:
-    """Refuse frames whose sequence number was already seen for their (source, incarnation).
+    """Refuse frames whose sequence number was already seen on their stream: (source, incarnation, connection).
 
         >>> guard = ReplayGuard()
         >>> guard.check("worker_1", "inc-a", 1); guard.check("worker_1", "inc-a", 2)
@@ -1005,54 +1005,56 @@ class ReplayGuard:
         ...
         rallypoint.errors.ReplayedFrame: replayed frame from 'worker_1' (incarnation inc-a): seq 2 <= 2
 
-    Call it only on authenticated headers (after the MAC check), or a forger could advance a sender's
-    counter. Each sender numbers its messages with one strictly increasing counter per process
-    (incarnation); gaps are fine (the counter is shared by all destinations), going back is not.
+    Call it only on authenticated headers (after the MAC check). Each sender numbers its messages with one
+    strictly increasing counter per process (incarnation); gaps are fine (the counter is shared by all
+    destinations), going back is not. The counter is tracked per inbound connection (`origin`, which the
+    driver names): a sender's frames all come on its own connection to us, so a key holder who forges one frame
+    with a huge sequence number on ITS connection advances only its own stream and cannot shut the real sender
+    out. A frame replayed on another connection is caught by the receiver's message-id window instead.
 
-    A new incarnation of a known source is accepted: the proxy separately checks that the incarnation is
-    the one the registry lists. Memory is bounded: at most `window` incarnations are remembered per source
-    (the oldest is forgotten first) and at most `max_sources` sources (least recently seen forgotten first).
-    A forgotten incarnation would be accepted again, which is why the registry check matters.
+    Memory is bounded: at most `window` streams are remembered per source (the oldest is forgotten first; a
+    forgotten stream starts afresh) and at most `max_sources` sources (least recently seen forgotten first).
     """
 
     __slots__ = ("_window", "_max_sources", "_seen")
 
-    def __init__(self, window: int = 4, *, max_sources: int = 100_000) -> None:
+    def __init__(self, window: int = 8, *, max_sources: int = 100_000) -> None:
         if window < 1 or max_sources < 1:
             raise ConfigError("window and max_sources must be >= 1")
         self._window = window
         self._max_sources = max_sources
-        self._seen: OrderedDict[str, dict[str, int]] = OrderedDict()
+        self._seen: OrderedDict[str, dict[tuple[str, bytes], int]] = OrderedDict()
 
-    def check(self, source: str, incarnation: str, seq: int) -> None:
-        """Record `seq` for (source, incarnation), or raise ReplayedFrame if it is not new."""
+    def check(self, source: str, incarnation: str, seq: int, origin: bytes = b"") -> None:
+        """Record `seq` for the stream (source, incarnation, origin), or raise ReplayedFrame if it is not new."""
         seen = self._seen
-        incs = seen.get(source)
-        if incs is not None:  # the common case first: the next message of a sender we know
-            last = incs.get(incarnation)
+        stream = (incarnation, origin)
+        streams = seen.get(source)
+        if streams is not None:  # the common case first: the next message of a sender we know
+            last = streams.get(stream)
             if last is not None and seq > last:
-                incs[incarnation] = seq
+                streams[stream] = seq
                 if len(seen) > 1:
                     seen.move_to_end(source)
                 return
-        if incs is None:
-            if len(self._seen) >= self._max_sources:
-                self._seen.popitem(last=False)
-            self._seen[source] = {incarnation: seq}
+        if streams is None:
+            if len(seen) >= self._max_sources:
+                seen.popitem(last=False)
+            seen[source] = {stream: seq}
             return
-        last = incs.get(incarnation)
+        last = streams.get(stream)
         if last is None:
-            if len(incs) >= self._window:
-                del incs[next(iter(incs))]  # dicts keep insertion order: the oldest incarnation goes
-            incs[incarnation] = seq
+            if len(streams) >= self._window:
+                del streams[next(iter(streams))]  # dicts keep insertion order: the oldest stream goes
+            streams[stream] = seq
         elif seq <= last:
             raise ReplayedFrame(
                 f"replayed frame from {source!r} (incarnation {incarnation}): seq {seq} <= {last}"
             )
         else:
-            incs[incarnation] = seq
-        if len(self._seen) > 1:
-            self._seen.move_to_end(source)
+            streams[stream] = seq
+        if len(seen) > 1:
+            seen.move_to_end(source)
 
     def forget(self, source: str) -> None:
         """Drop everything remembered about `source` (e.g. when it leaves the group)."""

@@ -928,17 +928,17 @@ class ZmqDriver:
         try:
             # Receive until zmq.Again: one Again per batch (~4.6 us here) is cheaper than asking EVENTS
             # before every message (~3.4 us each). Parts of a multipart message arrive together, so only
-            # the routing id (the part ROUTER prepends; dropped) can find nothing, and it is always
-            # followed by at least one part the peer sent.
+            # the routing id (the part ROUTER prepends, naming the connection) can find nothing, and it is
+            # always followed by at least one part the peer sent.
             for _ in range(_RECV_BATCH):
-                recv(sock, _NOBLOCK)
+                origin = recv(sock, _NOBLOCK)  # the routing id ROUTER gives the connection the message came on
                 frames = []
                 more = True
                 while more:
                     part = recv(sock, _NOBLOCK, False)
                     frames.append(part.bytes if len(part) < threshold else part.buffer)
                     more = part.more
-                events.append(DriverEvent("frames", None, frames))
+                events.append(DriverEvent("frames", None, frames, origin))
         except zmq.Again:
             return
         except zmq.ZMQError as exc:

@@ -294,3 +294,20 @@ def test_frames_meant_for_an_earlier_process_under_the_same_name_are_dropped(pai
     assert worker.receive_once(timeout=5).tag == "new"
     assert worker.stats.dropped_frames == 1
 
+
+
+def test_one_forged_frame_with_a_huge_sequence_cannot_shut_the_real_sender_out(pair, registry_url):
+    """A key holder signs a frame as the master, with the master's incarnation and a sequence far ahead, and
+    sends it on its own connection. It advances only that connection's stream: the master's own frames, on its
+    connection, keep being taken (before, every later frame of the master's was dropped as a replay)."""
+    master, worker, group = pair
+    key = _key(registry_url, group)
+    forged = _frames(WireCodec(key), Message(tag="forged", source="master", destination="worker_001"),
+                     master.incarnation, 10**15, to_incarnation=worker.incarnation)
+    _inject(worker.address, [forged], key)
+    assert worker.receive_once(timeout=5).tag == "forged"  # validly signed: a key holder can say anything
+    for n in range(3):
+        master.isend(Message(tag="real", source="master", destination="worker_001", payload=n))
+        got = worker.receive_once(timeout=5)
+        assert (got.tag, got.payload) == ("real", n)
+    assert worker.stats.dropped_frames == 0

@@ -346,6 +346,7 @@ def test_a_registry_writer_can_neither_add_nor_redirect_a_member(secret_pair, re
             pipe.execute()
             stop.wait(0.01)
 
+    master.refresh_peers()  # the master has read (and trusts) the worker's genuine record before the tampering
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
     try:
