@@ -311,3 +311,18 @@ def test_one_forged_frame_with_a_huge_sequence_cannot_shut_the_real_sender_out(p
         got = worker.receive_once(timeout=5)
         assert (got.tag, got.payload) == ("real", n)
     assert worker.stats.dropped_frames == 0
+
+
+def test_a_garbage_flood_from_a_key_holder_costs_a_counter_not_a_log_line_each(pair, registry_url, caplog):
+    """Past the handshake, every dropped frame is counted by reason, and logged at most once per reason and
+    sender every few seconds, with the count since the last line."""
+    master, worker, group = pair
+    flood = 2_000
+    with caplog.at_level(logging.DEBUG, logger="rallypoint"):
+        _inject(worker.address, [[b"garbage %d" % n] for n in range(flood)], _key(registry_url, group))
+        _pump_until_dropped(worker, flood, timeout=20.0)
+    lines = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert 1 <= len(lines) <= 3, [r.getMessage() for r in lines]
+    assert worker.stats.dropped_by_reason == {"MalformedFrame": flood}
+    master.isend(Message(tag="ok", source="master", destination="worker_001", payload=5))
+    assert worker.receive_once(timeout=5).payload == 5
