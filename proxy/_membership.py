@@ -31,6 +31,7 @@ from rallypoint.errors import PeerUnreachable, RegistryError
 
 from ._config import Liveness
 from ._driver import Driver
+from ._observe import STATS_LINGER, SUMMARY_EVERY, make_summary
 from ._registry import PeerRecord, Registry
 from ._stats import ProxyStats
 from ._trust import handshake_token, split_trusted
@@ -94,8 +95,8 @@ class Membership:
         wanted: Callable[[PeerRecord], bool],
         listener: MembershipListener,
         record_key: bytes | None = None,
-    ) -> None:
         unreachable_after: float = 5.0,
+    ) -> None:
         self.name = name
         self.group = group
         self.registry = registry
@@ -113,8 +114,8 @@ class Membership:
         self._left: dict[str, tuple[str, float]] = {}  # peers that said goodbye: (incarnation, when)
         self._types: dict[str, str] = {}  # the component type of every peer seen, listed or not (see orphans())
         self._connected: set[str] = set()
-        # Peers whose channel we saw come up and not go down since: a send that finds one of them not up knows
         self._dialing: dict[str, float] = {}  # channels opened and not up yet: since when (see _unreachable)
+        # Peers whose channel we saw come up and not go down since: a send that finds one of them not up knows
         # the channel broke (its "down" is still queued in the driver) rather than never opened.
         self._up_seen: set[str] = set()
         self._prompted_reads: OrderedDict[tuple[str, str], float] = OrderedDict()
@@ -126,8 +127,8 @@ class Membership:
         # With a group secret, member records must be signed with the key derived from it, and the registry's
         # own key is never read (the registry is only a directory); None: the registry holds the key.
         self._record_key = record_key
-        self._refused: dict[str, tuple[PeerRecord, str, float]] = {}  # name -> (record, why, first seen)
         self._unreachable_after = unreachable_after
+        self._refused: dict[str, tuple[PeerRecord, str, float]] = {}  # name -> (record, why, first seen)
         self._trusted: dict[str, PeerRecord] = {}  # the records the last read took (replaced whole)
         # Who may complete a handshake with us (read by the driver's ZAP thread; each replaced whole, never edited):
         # the token of the current key, the previous one until its grace ends, and members' CURVE public keys.
@@ -321,26 +322,25 @@ class Membership:
                 self._up_seen.discard(peer)
                 self._driver.disconnect(peer)
                 self._connected.discard(peer)
-        self._forget_long_gone()
                 self._dialing.pop(peer, None)
+        self._forget_long_gone()
 
     def _reconnect(self, peer: str, address: str) -> None:
         self._up_seen.discard(peer)
         self._driver.disconnect(peer)
         self._driver.connect(peer, address)
-
         self._dialing[peer] = time.monotonic()
+
     def connect(self, peer: str) -> None:
         """Open the channel to listed member `peer`; PeerUnreachable if the registry does not list it."""
         record = self._members.get(peer)
         if record is None:
             raise PeerUnreachable(peer, f"{peer!r} is not a registered member of group {self.group!r}")
         self._driver.connect(peer, record.address)
-        self._connected.add(peer)
         if peer not in self._connected:
             self._dialing[peer] = time.monotonic()
+        self._connected.add(peer)
 
-    def ensure_channel(self, peer: str) -> PeerRecord:
     def _unreachable(self, peer: str) -> bool:
         """A channel we opened that has never completed its handshake for longer than `unreachable_after`: a
         member listed but out of reach, which must not count as live (toward percentages, or broadcasts)."""
@@ -352,6 +352,7 @@ class Membership:
             return False
         return time.monotonic() - since > self._unreachable_after
 
+    def ensure_channel(self, peer: str) -> PeerRecord:
         """The record of `peer`, with a channel open to it (looked up in the registry if we do not list it)."""
         if peer not in self._connected:
             if peer not in self._members:
@@ -435,8 +436,8 @@ class Membership:
         self._up_seen.discard(peer)
         if peer in self._connected:
             self._connected.discard(peer)
-            self._driver.disconnect(peer)
             self._dialing.pop(peer, None)
+            self._driver.disconnect(peer)
         self._listener.peer_left(peer)
 
     def forget_after(self, seconds: float, keep: Callable[[str], bool]) -> None:
@@ -574,7 +575,13 @@ def _curve_key(address: str) -> bytes:
 
 
 class _LeaseKeeper(threading.Thread):
-    """Renews our lease and notices membership changes, off the message path; hands news over by queue."""
+    """Renews our lease and notices membership changes, off the message path; hands news over by queue.
+
+    Every `SUMMARY_EVERY` seconds it also publishes a summary of the proxy's counters (`ProxyStats.summary()`, with
+    the gauges the proxy set) for watchers of the group (`_observe.py`), and a last one saying "left" when it
+    stops: one registry write each, which may fail without touching the lease (a registry user without the
+    rights to write them, say).
+    """
 
     def __init__(self, membership: Membership, record: PeerRecord) -> None:
         super().__init__(name=f"rallypoint-lease-{membership.name}", daemon=True)
@@ -582,6 +589,7 @@ class _LeaseKeeper(threading.Thread):
         self._record = record
         self._stop_event = threading.Event()
         self.registry_down = False
+        self._publish_failed = False
 
     def stop(self, timeout: float) -> None:
         self._stop_event.set()
@@ -600,6 +608,20 @@ class _LeaseKeeper(threading.Thread):
                     return  # close() released the registry under a call that outlived the join timeout
                 logger.exception("%s: membership refresh failed unexpectedly; retrying", self._membership.name)
                 self._stop_event.wait(refresh)
+        if not self.registry_down:
+            self._publish("left", STATS_LINGER)  # before leave() unregisters us: watchers see a goodbye
+
+    def _publish(self, state: str, ttl: float) -> None:
+        """Publish our summary for watchers; a failure is logged (once at WARNING) and otherwise ignored."""
+        m = self._membership
+        try:
+            m.registry.publish_stats(m.group, m.name, make_summary(self._record, m._stats, state), ttl)
+        except Exception as exc:  # noqa: BLE001  # watchers' data: never worth the lease or the thread
+            level = logging.DEBUG if self._publish_failed else logging.WARNING
+            self._publish_failed = True
+            logger.log(level, "%s: could not publish stats for watchers of %r: %s", m.name, m.group, exc)
+        else:
+            self._publish_failed = False
 
     def _loop(self, refresh: float) -> None:
         m = self._membership
@@ -609,10 +631,13 @@ class _LeaseKeeper(threading.Thread):
         version = -1  # the member-list version of our last whole read
         next_full = 0.0  # when a whole read is due whatever the version (a safety net, see below)
         beats = 0
+        publish_every = max(1, round(SUMMARY_EVERY / refresh))
         while not self._stop_event.wait(refresh):
             beats += 1
             try:
                 self._renew(m, lease, beats)
+                if beats % publish_every == 1 % publish_every:  # the first beat, then every few seconds
+                    self._publish("up", lease + STATS_LINGER)
                 now = time.monotonic()
                 current = m.registry.members_version(m.group)
                 if current == version and now < next_full and now < m._full_read_at:

@@ -12,6 +12,9 @@ in Redis, with `ns` the namespace (default ``rallypoint``) and `group` the group
     {ns}:{group}:version       a counter bumped whenever the member list changes (see `members_version`)
     {ns}:{group}:key           the group's random 32-byte HMAC key, created by the first member, with a
                                TTL (`GROUP_KEY_TTL`) that live members renew (`renew_group_key`)
+    {ns}:{group}:stats:{name}  a short summary of one member's counters (`publish_stats`), with a PX TTL
+                               that outlives its lease, so watchers can tell who left or went
+    {ns}:{group}:stats         set of the names with a summary (an index, with a TTL; stale names dropped lazily)
 
 The group key is only used by groups that run without a secret: with one, the key is derived from it
 (`_trust.py`) and never written here, and each record carries a `signature` made with that key.
@@ -219,6 +222,18 @@ class Registry(Protocol):
         """Release connections; idempotent."""
         ...
 
+    def publish_stats(self, group: str, name: str, data: bytes, ttl: float) -> None:
+        """Store `data` (a member's summary, opaque here) as `name`'s stats for `ttl` seconds: one round trip."""
+        ...
+
+    def read_stats(self, group: str) -> dict[str, bytes]:
+        """Every summary of `group` that has not expired, by member name (members or not)."""
+        ...
+
+    def lease_left(self, group: str) -> dict[str, float]:
+        """Seconds left on the lease of each listed member (members whose lease lapsed are left out)."""
+        ...
+
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -244,6 +259,10 @@ def _check_key(key: bytes, *, where: str) -> bytes:
     if not isinstance(key, (bytes, bytearray)) or len(key) != GROUP_KEY_BYTES:
         raise RegistryError(f"group key in {where} is not {GROUP_KEY_BYTES} bytes; refusing to use it")
     return bytes(key)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def redact_url(url: str) -> str:
@@ -365,6 +384,12 @@ class RedisRegistry:
 
     def _group_key_key(self, group: str) -> str:
         return f"{self.namespace}:{group}:key"
+
+    def _stats_key(self, group: str, name: str) -> str:
+        return f"{self.namespace}:{group}:stats:{name}"
+
+    def _stats_index_key(self, group: str) -> str:
+        return f"{self.namespace}:{group}:stats"
 
     # -- plumbing
 
@@ -565,6 +590,60 @@ class RedisRegistry:
         except redis.RedisError as exc:  # closing must not fail the caller
             logger.debug("registry %s: error while closing: %s", self.redacted_url, self._scrub(str(exc)))
 
+    def publish_stats(self, group: str, name: str, data: bytes, ttl: float) -> None:
+        """SET the summary with PX `ttl`, SADD its name to the index and let the index live twice as long (one
+        transaction, one round trip)."""
+        _check_group(group)
+        _check_name(name)
+        px = _ttl_ms(ttl)
+        with self._errors(f"publish the stats of {name!r} in group {group!r}"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(self._stats_key(group, name), bytes(data), px=px)
+            pipe.sadd(self._stats_index_key(group), name)
+            pipe.pexpire(self._stats_index_key(group), 2 * px)
+            pipe.execute()
+
+    def read_stats(self, group: str) -> dict[str, bytes]:
+        """SMEMBERS of the index, then MGET of the summaries (two round trips); names whose summary expired are
+        dropped from the index (unless one was published meanwhile)."""
+        _check_group(group)
+        index = self._stats_index_key(group)
+        with self._errors(f"read the stats of group {group!r}"):
+            names = sorted(_text(n) for n in self._client.smembers(index))
+            values = self._client.mget([self._stats_key(group, n) for n in names]) if names else []
+        found = {name: value.encode() if isinstance(value, str) else bytes(value)
+                 for name, value in zip(names, values, strict=True) if value is not None}
+        lapsed = [name for name in names if name not in found]
+        if lapsed:
+            keys = [self._stats_key(group, n) for n in lapsed]
+            try:
+                with self._errors(f"clean up lapsed stats of group {group!r}"):
+                    with self._client.pipeline(transaction=True) as pipe:
+                        pipe.watch(*keys)  # type: ignore[no-untyped-call]  # untyped in redis-py
+                        still = [n for n, v in zip(lapsed, pipe.mget(keys), strict=True) if v is None]
+                        if still:
+                            pipe.multi()
+                            pipe.srem(index, *still)
+                            pipe.execute()
+            except RegistryError as exc:  # best effort, as for lapsed members
+                if not isinstance(exc.__cause__, redis.WatchError):
+                    logger.debug("%s", exc)
+        return found
+
+    def lease_left(self, group: str) -> dict[str, float]:
+        """SMEMBERS of the member index, then one PTTL per member in a pipeline (two round trips)."""
+        _check_group(group)
+        with self._errors(f"read the leases of group {group!r}"):
+            names = sorted(_text(n) for n in self._client.smembers(self._members_key(group)))
+            if not names:
+                return {}
+            pipe = self._client.pipeline(transaction=False)
+            for name in names:
+                pipe.pttl(self._peer_key(group, name))
+            left = pipe.execute()
+        # PTTL: -2 for a key that is gone, -1 for one without a TTL (never written so by us; not a lease).
+        return {name: ms / 1000 for name, ms in zip(names, left, strict=True) if isinstance(ms, int) and ms >= 0}
+
     def __enter__(self) -> RedisRegistry:
         return self
 
@@ -599,6 +678,7 @@ class InMemoryRegistry:
         ] = {}  # group -> name -> (json, deadline)
         self._keys: dict[str, tuple[bytes, float]] = {}  # group -> (key, deadline)
         self._versions: dict[str, int] = {}  # group -> member-list version
+        self._stats: dict[str, dict[str, tuple[bytes, float]]] = {}  # group -> name -> (summary, deadline)
         self._closed = False
         self.malformed = 0
 
@@ -740,6 +820,36 @@ class InMemoryRegistry:
             self._closed = True
             self._entries.clear()
             self._keys.clear()
+            self._stats.clear()
+
+    def publish_stats(self, group: str, name: str, data: bytes, ttl: float) -> None:
+        """Keep `data` as `name`'s summary for `ttl` seconds."""
+        _check_group(group)
+        _check_name(name)
+        deadline = self._clock() + _ttl_ms(ttl) / 1000
+        with self._lock:
+            self._check_open()
+            self._stats.setdefault(group, {})[name] = (bytes(data), deadline)
+
+    def read_stats(self, group: str) -> dict[str, bytes]:
+        """The summaries of `group` that have not expired, by name (expired ones are dropped)."""
+        _check_group(group)
+        with self._lock:
+            self._check_open()
+            now = self._clock()
+            held = self._stats.get(group, {})
+            for name in [n for n, (_, deadline) in held.items() if deadline <= now]:
+                del held[name]
+            return {name: data for name, (data, _) in held.items()}
+
+    def lease_left(self, group: str) -> dict[str, float]:
+        """Seconds left on each live member's lease."""
+        _check_group(group)
+        with self._lock:
+            self._check_open()
+            now = self._clock()
+            return {name: deadline - now for name, (_, deadline) in self._entries.get(group, {}).items()
+                    if deadline > now}
 
     def __enter__(self) -> InMemoryRegistry:
         return self

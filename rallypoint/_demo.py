@@ -5,6 +5,9 @@ worker (a separate process, made distributed with `@dist`) sums its chunk and re
 the replies into a RegisterTable: `worker:sum:60%` fires once a 60% quorum of workers has answered (a
 progress line), `worker:sum:1` adds up every reply. When every chunk is back, the master checks the
 total against M(M+1)/2, broadcasts `stop`, and waits for the workers to exit.
+
+While it runs it shows the workers joining (read from the registry) and the chunks coming back: as progress bars
+in a terminal, as plain lines (`worker_002 joined (1/4)`, `summed 1/4 chunks`) otherwise.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from rallypoint.engine import Message, RegisterTable, SessionType
 from rallypoint.errors import Error
@@ -47,6 +51,92 @@ def run_worker(registry: str, group: str, name: str, join_timeout: float = 30.0)
     return 0
 
 
+class Progress(Protocol):
+    """What the demo reports as it goes, besides its lines."""
+
+    def say(self, line: str) -> None: ...
+    def joined(self, name: str, count: int, total: int) -> None: ...
+    def summed(self, count: int, total: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Lines:
+    """Progress as plain lines, for logs and pipes."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+
+    def joined(self, name: str, count: int, total: int) -> None:
+        self.say(f"{name} joined ({count}/{total})")
+
+    def summed(self, count: int, total: int) -> None:
+        self.say(f"summed {count}/{total} chunks")
+
+    def close(self) -> None:
+        pass
+
+
+class _Bars:
+    """Progress as bars in a terminal (rich), the demo's lines printed above them."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("{task.description:<15}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn())
+        self._tasks: dict[str, Any] = {}
+        self._progress.start()
+
+    def _bar(self, description: str, total: int) -> Any:
+        if description not in self._tasks:
+            self._tasks[description] = self._progress.add_task(description, total=total)
+        return self._tasks[description]
+
+    def say(self, line: str) -> None:
+        self._progress.console.print(line, markup=False, highlight=False)
+
+    def joined(self, name: str, count: int, total: int) -> None:
+        self._progress.update(self._bar("workers joined", total), completed=count)
+
+    def summed(self, count: int, total: int) -> None:
+        self._progress.update(self._bar("chunks summed", total), completed=count)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+class _JoinWatcher(threading.Thread):
+    """Reads the group's member list from the registry until every worker is in, reporting each newcomer."""
+
+    def __init__(self, registry: str, group: str, workers: int, progress: Progress) -> None:
+        super().__init__(name="rallypoint-demo-joins", daemon=True)
+        self._registry, self._group, self._workers, self._progress = registry, group, workers, progress
+        self._done = threading.Event()
+        self._seen: list[str] = []
+
+    def run(self) -> None:
+        from rallypoint.proxy import RedisRegistry
+
+        with RedisRegistry(self._registry, timeout=2.0) as registry:
+            while len(self._seen) < self._workers:
+                last = self._done.wait(0.05)
+                try:
+                    members = registry.members(self._group)
+                except Error:
+                    members = {}
+                for name in sorted(n for n, r in members.items() if r.component_type == "worker"):
+                    if name not in self._seen:
+                        self._seen.append(name)
+                        self._progress.joined(name, len(self._seen), self._workers)
+                if last:
+                    return
+
+    def finish(self) -> None:
+        """One last read, then stop (the master joined: every worker is registered by now)."""
+        self._done.set()
+        self.join(5)
+
+
 def run_master(
     registry: str,
     group: str,
@@ -54,13 +144,18 @@ def run_master(
     numbers: int,
     timeout: float,
     say: Callable[[str], None],
+    progress: Progress | None = None,
+    on_joined: Callable[[], None] | None = None,
 ) -> int:
-    """The master side: returns 0 when the job's result checks out, 1 otherwise."""
+    """The master side: returns 0 when the job's result checks out, 1 otherwise. `on_joined` is called once the
+    master joined, before its first line; `progress` hears how many chunks came back."""
     from rallypoint.proxy import Proxy, Timeouts
 
     started = time.monotonic()
     with Proxy(group_name=group, component_type="master", name="master", registry=registry,
                expected_peers={"worker": workers}, timeouts=Timeouts(join=timeout, reply=timeout)) as proxy:
+        if on_joined is not None:
+            on_joined()
         names = proxy.peers["worker"]
         say(f"master joined {group!r} with {len(names)} workers in {time.monotonic() - started:.2f}s: "
             f"{', '.join(names)}")
@@ -81,6 +176,8 @@ def run_master(
                 state["total"] += message.payload
                 state["replies"] += 1
                 say(f"  {message.source} -> {message.payload}")
+                if progress is not None:
+                    progress.summed(state["replies"], len(names))
 
         table = RegisterTable(lambda: proxy.peers)
         table.register_event_handler("worker:sum:60%", on_quorum)
@@ -105,13 +202,25 @@ def run_master(
 
 
 def demo(workers: int, numbers: int, registry: str | None, timeout: float,
-         say: Callable[[str], None] = print) -> int:
-    """Start a registry (unless given), N worker processes and the master; return the exit status."""
-    from rallypoint.proxy._embedded import EmbeddedRegistryServer
+         say: Callable[[str], None] = print, bars: bool | None = None) -> int:
+    """Start a registry (unless given), N worker processes and the master; return the exit status.
 
+    `bars`: progress bars (in a terminal) rather than plain lines; None: bars when stdout is a terminal.
+    """
     if workers < 1:
         say("--workers must be at least 1")
         return 2
+    shown: Progress = _Bars() if (sys.stdout.isatty() if bars is None else bars) else _Lines(say)
+    try:
+        return _demo(workers, numbers, registry, timeout, shown)
+    finally:
+        shown.close()
+
+
+def _demo(workers: int, numbers: int, registry: str | None, timeout: float, progress: Progress) -> int:
+    from rallypoint.proxy._embedded import EmbeddedRegistryServer
+
+    say = progress.say
     server = None
     if registry is None:
         server = EmbeddedRegistryServer()
@@ -127,9 +236,12 @@ def demo(workers: int, numbers: int, registry: str | None, timeout: float,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             ))
         say(f"started {workers} worker processes")
+        joins = _JoinWatcher(registry, group, workers, progress)
+        joins.start()
         try:
-            status = run_master(registry, group, workers, numbers, timeout, say)
+            status = run_master(registry, group, workers, numbers, timeout, say, progress, on_joined=joins.finish)
         except Error as exc:
+            joins.finish()
             say(f"FAILED: {type(exc).__name__}: {exc}")
             status = 1
         for proc in procs:

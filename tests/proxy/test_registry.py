@@ -627,6 +627,7 @@ def test_acl_user_with_least_privilege(redis_server: Any) -> None:
         "+srem",
         "+pexpire",
         "+smembers",
+        "+pttl",
         "+multi",
         "+exec",
         "+discard",
@@ -646,6 +647,13 @@ def test_acl_user_with_least_privilege(redis_server: Any) -> None:
     reg.unregister("g", "w")
     assert reg.members("g") == {}
     assert admin.smembers("rallypoint:g:members") == set()
+    # What members publish for watchers, and what watchers read (`rallypoint peers`/`monitor`/`metrics`).
+    reg.register("g", record, ttl=10)
+    assert 0 < reg.lease_left("g")["w"] <= 10
+    reg.publish_stats("g", "w", b"{}", ttl=10)
+    reg.publish_stats("g", "gone", b"{}", ttl=0.05)
+    wait_until(lambda: reg.read_stats("g") == {"w": b"{}"}, timeout=3)  # includes the index cleanup
+    assert admin.smembers("rallypoint:g:stats") == {b"w"}
 
     other_ns = RedisRegistry(f"redis://rp:rp-pw@127.0.0.1:{port}/0", timeout=1.0, namespace="elsewhere")
     message = _assert_fast_registry_error(lambda: other_ns.members("g"), 2.0, "rp-pw")
