@@ -109,6 +109,8 @@ class SessionBook:
         self.max_finished = max_finished
         self._live: dict[str, SessionRecord] = {}
         self._finished: OrderedDict[str, SessionRecord] = OrderedDict()
+        self.completed = 0  # sessions that finished (a final state, or a one-way message sent or taken)
+        self.failed = 0  # sessions that ended without their reply, or in a state named "failed"
 
     # -------------------------------------------------------------------------- what we send
 
@@ -326,6 +328,10 @@ class SessionBook:
             self._finish(record)
 
     def _finish(self, record: SessionRecord) -> None:
+        if record.ended is not None or record.state == "failed":
+            self.failed += 1
+        else:
+            self.completed += 1
         if self.max_finished == 0:
             return
         finished = self._finished

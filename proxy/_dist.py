@@ -7,6 +7,7 @@ import inspect
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +154,7 @@ def dist(
                 return True
 
             def _call(self, handler: Handler, messages: list[Message]) -> None:
+                started = time.perf_counter_ns()
                 try:
                     handler(self.local_instance, proxy, messages)
                 except Exception as exc:
@@ -160,6 +162,8 @@ def dist(
                         raise
                     logger.exception("handler %s failed", getattr(handler, "__name__", handler))
                     on_error(exc, handler, messages)
+                finally:
+                    _count_handler(proxy.stats, started)
 
             # ---------------------------------------------------------------- with an AsyncProxy
 
@@ -235,6 +239,7 @@ def dist(
                         queue.task_done()
 
             async def _call_async(self, aproxy: AsyncProxy, handler: Handler, messages: list[Message]) -> None:
+                started = time.perf_counter_ns()
                 try:
                     await _maybe_await(handler(self.local_instance, aproxy, messages))
                 except Exception as exc:
@@ -242,6 +247,8 @@ def dist(
                         raise
                     logger.exception("handler %s failed", getattr(handler, "__name__", handler))
                     await _maybe_await(on_error(exc, handler, messages))
+                finally:
+                    _count_handler(aproxy.stats, started)
 
         Distributed.__name__ = cls.__name__
         Distributed.__qualname__ = cls.__qualname__
@@ -250,6 +257,12 @@ def dist(
         return Distributed
 
     return decorate
+
+
+def _count_handler(stats: Any, started_ns: int) -> None:
+    """One handler call, and its time, in the proxy's stats (what watchers of the group see)."""
+    stats.handler_calls += 1
+    stats.handler_ns += time.perf_counter_ns() - started_ns
 
 
 def _catalog_of(proxy: Proxy | AsyncProxy) -> SessionCatalog:

@@ -89,7 +89,9 @@ class Outbox:
                 return False
             # A new channel still in its handshake, or a full queue: wait for it, boundedly.
             self._driver.send(peer, frames, timeout=self._connect_timeout if wait is None else wait)
-        self._stats.sent += 1
+        stats = self._stats
+        stats.sent += 1
+        stats.bytes_sent += len(frames[0]) if len(frames) == 1 else sum(memoryview(f).nbytes for f in frames)
         return True
 
     def say(self, message: Message) -> bool:

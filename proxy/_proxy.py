@@ -216,6 +216,7 @@ class Proxy:
                               membership=membership, hold=self.hold_policy, timeouts=self.timeouts,
                               stats=self.stats, listener=self)
         membership.forget_after(self.hold_policy.max_age, self._outbox.holds_for)
+        self.stats.gauges = self._gauges  # read by the lease keeper when it publishes a summary for watchers
         self._admission = Admission(name=self.name, incarnation=self._incarnation, codec=codec,
                                     membership=membership, dedup_window=self.hold_policy.dedup_window,
                                     stats=self.stats)
@@ -438,6 +439,12 @@ class Proxy:
     def held_sessions(self) -> list[str]:
         """Session ids of the messages held for gone peers, oldest first per peer."""
         return [message.session_id for message in self._outbox.held_messages()]
+
+    def _gauges(self) -> dict[str, int]:
+        """What is true now, for the summary watchers read (called on the lease keeper's thread: reads only)."""
+        book = self._book
+        return {"sessions_live": book.live, "held_now": self._outbox.held_count(), "buffered": len(self._inbox),
+                "sessions_completed": book.completed, "sessions_failed": book.failed}
 
     def _members(self) -> Membership:
         if self._membership is None:
@@ -885,7 +892,9 @@ class Proxy:
         if envelope.header.session_type == CONTROL:
             self._on_control(message, envelope.header.incarnation)
             return
-        self.stats.received += 1
+        stats = self.stats
+        stats.received += 1
+        stats.bytes_received += envelope.nbytes
         arrival = self._book.arrive(message, self._catalog.get)
         if arrival is not Arrival.TAKEN:
             if arrival is Arrival.LATE:
