@@ -118,6 +118,7 @@ class AsyncProxy:
         catalog: SessionCatalog | None = None,
         specs: Iterable[Any] = (),
         max_buffered: int = 100_000,
+        max_buffered_bytes: int | None = 1 << 30,
         max_message_bytes: int = 1 << 31,
         secret: str | bytes | None = None,
     ) -> None:
@@ -135,7 +136,8 @@ class AsyncProxy:
             group_name=group_name, component_type=component_type, expected_peers=expected_peers, name=self.name,
             registry=registry, redis_address=redis_address, driver=driver, host=host, port=port,
             timeouts=timeouts, join_timeout=join_timeout, liveness=liveness, hold=hold, codec=codec, curve=curve,
-            catalog=self._catalog, max_buffered=max_buffered, max_message_bytes=max_message_bytes,
+            catalog=self._catalog, max_buffered=max_buffered, max_buffered_bytes=max_buffered_bytes,
+            max_message_bytes=max_message_bytes,
         )
         if secret is not None:  # passed only when given: the core takes it (or RALLYPOINT_SECRET) as Proxy does
             self._kwargs["secret"] = secret

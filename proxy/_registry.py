@@ -734,10 +734,7 @@ class InMemoryRegistry:
             self._check_open()
             now = self._clock()
             entries = self._entries.get(group, {})
-            expired = [n for n, (_, deadline) in entries.items() if deadline <= now]
-            for name in expired:
-                del entries[name]
-            if expired:
+            if _drop_lapsed(entries, now):
                 self._bump(group)
             raw = list(entries.items())
         live: dict[str, PeerRecord] = {}
@@ -838,8 +835,7 @@ class InMemoryRegistry:
             self._check_open()
             now = self._clock()
             held = self._stats.get(group, {})
-            for name in [n for n, (_, deadline) in held.items() if deadline <= now]:
-                del held[name]
+            _drop_lapsed(held, now)
             return {name: data for name, (data, _) in held.items()}
 
     def lease_left(self, group: str) -> dict[str, float]:
@@ -862,6 +858,14 @@ class InMemoryRegistry:
 
 
 # ------------------------------------------------------------------------------------------- factory
+
+
+def _drop_lapsed(entries: dict[str, tuple[Any, float]], now: float) -> list[str]:
+    """Remove the entries whose deadline has passed (the in-memory registry's expiry); returns their names."""
+    lapsed = [name for name, (_, deadline) in entries.items() if deadline <= now]
+    for name in lapsed:
+        del entries[name]
+    return lapsed
 
 
 def registry_from(
