@@ -13,6 +13,13 @@ A message travels as one multipart message::
   as frames of their own, handed to the driver as views of the caller's memory (no copy on send; numpy
   arrays are rebuilt on the receiver's frame memory without a copy). With the "msgpack" codec, one frame of
   msgpack data: no pickle anywhere, for peers that must not unpickle.
+- parts: a payload frame larger than `max_part_bytes` (4 MiB by default) travels as several frames, each a
+  view of the caller's memory (no copy on send), and the header's `parts` says which payload frame came in
+  how many; the receiver joins them back into one buffer (its only copy, and only for a frame that was
+  split) when the payload is decoded. So no single frame is ever larger than `max_frame_bytes` (the part
+  bound plus room for a header), which lets a receiver's transport refuse any bigger frame before buffering
+  it (ZmqDriver's `max_part_bytes`, libzmq's ZMQ_MAXMSGSIZE), while a message still holds up to
+  `max_message_bytes`.
 - `mac` is a keyed MAC over the header and every payload frame (see `_MacScheme` for the construction and
   why). `key=None` drops the mac frame: unsigned frames, for tests and overhead benchmarks only.
 
@@ -39,6 +46,7 @@ import io
 import pickle
 import re
 import struct
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -57,10 +65,10 @@ from rallypoint.errors import (
     ReplayedFrame,
 )
 
-__all__ = ["VERSION", "Envelope", "Header", "ReplayGuard", "WireCodec"]
+__all__ = ["MAX_FRAME_BYTES", "PART_BYTES", "VERSION", "Envelope", "Header", "ReplayGuard", "WireCodec", "frame_bound"]
 
-VERSION = 2
-"""Wire format version, the first field of every header; a receiver refuses any other."""
+VERSION = 3
+"""Wire format version, the first field of every header; a receiver refuses any other. (3: `Header.parts`.)"""
 
 CODECS = {"pickle": 0, "msgpack": 1}
 _CODEC_NAMES = {v: k for k, v in CODECS.items()}
@@ -71,6 +79,23 @@ _KNOWN_FLAGS = FLAG_SESSION | FLAG_OOB_BYTES  # the low bits, contiguous: "known
 
 MAX_HEADER_BYTES = 64 * 1024  # a header is ~200 bytes; anything near this is garbage
 MAX_FRAMES = 1 << 16  # header + payload frames + mac; more is garbage (or an attempt to burn our CPU)
+PART_BYTES = 4 << 20
+"""The default `max_part_bytes`: payload frames above it are split into parts of this size (see `WireCodec`)."""
+_FRAME_SLACK = MAX_HEADER_BYTES + 64  # room for a compact frame's header, prefix and mac around its payload
+
+
+def frame_bound(max_part_bytes: int = PART_BYTES) -> int:
+    """The largest single frame a `WireCodec(max_part_bytes=...)` sends: what a transport's per-frame limit must
+    allow (ZmqDriver's `max_part_bytes` defaults to `frame_bound()`).
+
+        >>> frame_bound(4 << 20)
+        4260032
+    """
+    return max_part_bytes + _FRAME_SLACK
+
+
+MAX_FRAME_BYTES = frame_bound(PART_BYTES)
+"""`frame_bound()` of the default part size: the largest frame a default codec sends."""
 _BUILTIN_TYPES: dict[str | None, SessionType] = {t.value: t for t in SessionType}
 _TASK, _NOTIFICATION = SessionType.TASK, SessionType.NOTIFICATION
 _MAC_BYTES = 32
@@ -137,10 +162,14 @@ class Header(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen
     event: str | None
     incarnation: str  # the sender's per-process id
     seq: _Count  # the sender's per-process message counter (strictly increasing)
-    nframes: _Count  # number of payload frames
+    nframes: _Count  # number of payload frames on the wire (a payload frame sent in parts counts each part)
     # The incarnation of the destination process the sender meant ("" when it did not know one), so a
     # process restarted under the same name never takes frames meant for its predecessor.
     to_incarnation: str
+    # The payload frames that travelled in parts, as (index among the payload frames before splitting, number
+    # of wire frames it came in >= 2), by increasing index; () when none was split (every message but those
+    # with a frame over the sender's `max_part_bytes`).
+    parts: tuple[tuple[_Count, _Count], ...]
 
     @property
     def is_session(self) -> bool:
@@ -181,7 +210,82 @@ def _parse_header(data: Any, payload_frames: int) -> Header:
         raise MalformedFrame(f"header announces {header.nframes} payload frames, got {payload_frames}")
     if header.session_type is None and header.flags & FLAG_SESSION:
         raise MalformedFrame("session message without a session type")
+    if header.parts:
+        _check_parts(header.parts, payload_frames)
     return header
+
+
+def _check_parts(parts: tuple[tuple[int, int], ...], payload_frames: int) -> None:
+    """MalformedFrame unless `parts` groups `payload_frames` wire frames: increasing indexes, counts >= 2,
+    every index within the payload frames that remain once the parts are joined."""
+    joined = payload_frames
+    previous = -1
+    for index, count in parts:
+        if index <= previous or count < 2:
+            raise MalformedFrame(f"bad parts {list(parts)[:8]!r}: indexes must increase and counts be >= 2")
+        previous = index
+        joined -= count - 1
+    if joined < 1 or previous >= joined:
+        raise MalformedFrame(f"parts {list(parts)[:8]!r} do not fit {payload_frames} payload frames")
+
+
+class _Split(tuple):  # type: ignore[type-arg]
+    """The wire frames one payload frame came in (see `Header.parts`), joined when its consumer needs it."""
+
+    __slots__ = ()
+
+
+def _grouped(payload: Sequence[Any], parts: tuple[tuple[int, int], ...]) -> list[Any]:
+    """The payload frames as the sender had them: each split one as a `_Split` of its parts (no copy yet).
+    `parts` was checked against `payload` by `_parse_header`."""
+    out: list[Any] = []
+    position = joined = 0
+    for index, count in parts:
+        out.extend(payload[position:position + index - joined])
+        position += index - joined
+        out.append(_Split(payload[position:position + count]))
+        position += count
+        joined = index + 1
+    out.extend(payload[position:])
+    return out
+
+
+def _joined(frame: Any, kind: type = bytearray) -> Any:
+    """`frame` itself, or one buffer holding a `_Split`'s parts (the one copy): `bytes` for `kind=bytes`, else a
+    writable buffer, as a received frame is."""
+    if type(frame) is not _Split:
+        return frame
+    if kind is bytes:
+        return b"".join(frame)
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return bytearray().join(frame)
+    # Where numpy is loaded (it is, whenever an array is being unpickled), its allocator asks the kernel for
+    # huge pages: measured here, joining 64 MiB takes ~11 ms into np.empty and ~42 ms into a bytearray, most
+    # of it page faults on the fresh memory.
+    sizes = [_nbytes(part) for part in frame]
+    target = memoryview(numpy.empty(sum(sizes), numpy.uint8))
+    position = 0
+    for part, size in zip(frame, sizes, strict=True):
+        target[position:position + size] = memoryview(part).cast("B")
+        position += size
+    return target
+
+
+def _split(frames: Sequence[Any], part: int) -> tuple[list[Any], tuple[tuple[int, int], ...]]:
+    """`frames` with each frame over `part` bytes cut into views of at most `part` bytes (no copy), and the
+    `Header.parts` that says how to join them back."""
+    wire: list[Any] = []
+    parts: list[tuple[int, int]] = []
+    for i, frame in enumerate(frames):
+        size = _nbytes(frame)
+        if size <= part:
+            wire.append(frame)
+            continue
+        view = memoryview(frame).cast("B")
+        wire.extend(view[start:start + part] for start in range(0, size, part))
+        parts.append((i, -(-size // part)))
+    return wire, tuple(parts)
 
 
 def _header_problem(data: Any, exc: msgspec.ValidationError) -> str:
@@ -226,7 +330,10 @@ class Envelope:
 
     @property
     def payload_frames(self) -> Sequence[Any]:
-        """The payload frames the header was verified with (big ones are views of the received memory)."""
+        """The payload frames the header was verified with, as the sender had them: big ones are views of the
+        received memory, and one that travelled in parts comes back joined (a copy, made on each call)."""
+        if self._header.parts:
+            return [_joined(frame) for frame in _grouped(self._payload, self._header.parts)]
         return self._payload
 
     @property
@@ -462,13 +569,17 @@ class _OOBUnpickler(pickle.Unpickler):
 
     def _buffers(self) -> Iterator[Any]:
         while self._next < len(self._oob):
-            yield self._take()
+            yield _joined(self._take())
 
     def persistent_load(self, pid: Any) -> Any:
+        # bytes and bytearray must own their memory: one copy, on the receiver only (a frame that came in
+        # parts is joined straight into it, not joined and then copied).
         if pid == 0:
-            return bytes(self._take())  # bytes must own their memory: one copy, on the receiver only
+            frame = self._take()
+            return b"".join(frame) if type(frame) is _Split else bytes(frame)
         if pid == 1:
-            return bytearray(self._take())
+            frame = self._take()
+            return bytearray().join(frame) if type(frame) is _Split else bytearray(frame)
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
 
@@ -502,10 +613,19 @@ forget the key `rekey` replaced).
     Zero copy cuts both ways: the payload frames of `encode()` are views of the caller's buffers (numpy
     arrays, big bytes). Do not modify such a buffer until the driver has sent it; if one is modified in
     flight the receiver sees a MAC mismatch and drops the message (it never sees altered data).
+
+    Parts: a payload frame over `max_part_bytes` (a 64 MB array, a long pickle stream) is sent as views of at
+    most that many bytes each (no copy), and joined back into one buffer on the receiver, once, when the
+    payload is decoded; `max_message_bytes` bounds the whole message, parts counted. No frame this codec
+    sends exceeds `max_frame_bytes`, so a receiver can set its transport's per-frame limit there
+    (ZmqDriver(max_part_bytes=...)) and refuse anything larger before buffering it. 4 MiB by default: the
+    transport limit stays "a few MB", and a 64 MB array in 16 parts moves at the speed of one frame
+    (benchmarks/big.py); smaller parts cost more per-frame overhead, larger ones raise the bound a stranger's
+    handshake can make a receiver buffer.
     """
 
     __slots__ = ("_mac", "_previous_mac", "_previous_until", "_codec_id", "_max", "_zc", "_header_encoder",
-                 "_payload_packer", "_safe_only", "_compact", "_mac_bytes", "_out_of_band")
+                 "_payload_packer", "_safe_only", "_compact", "_mac_bytes", "_out_of_band", "_part")
 
     def __init__(
         self,
@@ -515,6 +635,7 @@ forget the key `rekey` replaced).
         max_message_bytes: int = 1 << 30,
         zero_copy_threshold: int = 64 * 1024,
         compact: bool = True,
+        max_part_bytes: int = PART_BYTES,
     ) -> None:
         if codec not in CODECS:
             raise ConfigError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
@@ -522,6 +643,13 @@ forget the key `rekey` replaced).
             raise ConfigError("max_message_bytes must be at least 1024")
         if zero_copy_threshold < 1:
             raise ConfigError("zero_copy_threshold must be >= 1")
+        if not zero_copy_threshold <= max_part_bytes:  # a compact frame's payload stays within one part
+            raise ConfigError(f"max_part_bytes ({max_part_bytes}) must be >= zero_copy_threshold "
+                              f"({zero_copy_threshold})")
+        if max_message_bytes // max_part_bytes > MAX_FRAMES // 2:  # so that a largest message fits MAX_FRAMES
+            raise ConfigError(f"max_part_bytes={max_part_bytes} is too small for max_message_bytes="
+                              f"{max_message_bytes}: at most {MAX_FRAMES // 2} parts a message")
+        self._part = max_part_bytes
         self._mac = _MacScheme(key) if key is not None else None
         self._mac_bytes = _MAC_BYTES if key is not None else 0
         self._previous_mac: _MacScheme | None = None  # the key before rekey(), accepted until _previous_until
@@ -557,6 +685,17 @@ forget the key `rekey` replaced).
     @property
     def max_message_bytes(self) -> int:
         return self._max
+
+    @property
+    def max_part_bytes(self) -> int:
+        """Payload frames above this many bytes travel in parts of at most this size."""
+        return self._part
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest single frame this codec sends (`frame_bound(max_part_bytes)`), capped by
+        `max_message_bytes`: what the receiving transport's per-frame limit must allow."""
+        return min(frame_bound(self._part), self._max)
 
     # ------------------------------------------------------------------------------ encode
 
@@ -607,21 +746,22 @@ forget the key `rekey` replaced).
         """The multipart messages that carry `messages` (all for one peer), in order: small ones batched.
 
         Consecutive small messages (one payload frame below `zero_copy_threshold`) travel together in ONE
-        frame under ONE MAC, up to `max_message_bytes` a batch; a big message travels alone, as `encode`
-        makes it, and so does a lone small one. Each message keeps its own header (and its `seqs[i]`), so
-        the receiver's per-message checks are unchanged: `open_many` gives one Envelope per message. Raises
-        ConfigError as `encode` does; nothing is returned for a batch with one bad message.
+        frame under ONE MAC, up to `max_message_bytes` and `max_part_bytes` a batch; a big message travels
+        alone, as `encode` makes it, and so does a lone small one. Each message keeps its own header (and its
+        `seqs[i]`), so the receiver's per-message checks are unchanged: `open_many` gives one Envelope per
+        message. Raises ConfigError as `encode` does; nothing is returned for a batch with one bad message.
         """
         if len(seqs) != len(messages):
             raise ConfigError(f"{len(messages)} messages but {len(seqs)} seqs")
         out: list[list[Any]] = []
         batch: list[tuple[Message, bytes, Any]] = []
         batch_bytes = _BATCH_PREFIX.size + self._mac_bytes
+        limit = min(self._max, self._part)  # a batch is one frame: within the transport's per-frame bound
         for message, seq in zip(messages, seqs, strict=True):
             header, payload_frames = self._header_and_payload(message, incarnation, seq, to_incarnation, None)
             size = _nbytes(payload_frames[0]) if len(payload_frames) == 1 else self._zc
             entry_bytes = _BATCH_ENTRY.size + len(header) + size
-            if size >= self._zc or batch_bytes + entry_bytes > self._max:
+            if size >= self._zc or batch_bytes + entry_bytes > limit:
                 out.extend(self._flush_batch(batch))
                 batch, batch_bytes = [], _BATCH_PREFIX.size + self._mac_bytes
             if size >= self._zc:
@@ -652,6 +792,14 @@ forget the key `rekey` replaced).
         """The header bytes and payload frames of `message` (ConfigError if they cannot be encoded)."""
         payload_frames, flags = (encoded_payload if encoded_payload is not None
                                  else self.encode_payload(message.payload))
+        parts: tuple[tuple[int, int], ...] = ()
+        part = self._part
+        if len(payload_frames) == 1:
+            frame = payload_frames[0]
+            if (len(frame) if type(frame) is bytes else _nbytes(frame)) > part:
+                payload_frames, parts = self._split(payload_frames)
+        elif any(_nbytes(frame) > part for frame in payload_frames):
+            payload_frames, parts = self._split(payload_frames)
         tag = message.tag
         if type(tag) is not str:
             tag = tag.value if isinstance(tag, Enum) else str(tag)
@@ -671,7 +819,7 @@ forget the key `rekey` replaced).
         session_id, message_id = message.session_id, message.message_id
         fields = Header(  # positional: cheaper than keywords, on every message
             VERSION, flags, self._codec_id, tag, source, destination, session_id, message_id, session_type, stage,
-            event, incarnation, seq, len(payload_frames), to_incarnation,
+            event, incarnation, seq, len(payload_frames), to_incarnation, parts,
         )
         # What the receiver's typed decoder would refuse, checked here by type (exact `str`, the optional ones
         # None or `str`, a seq >= 0): ~0.1 us instead of decoding the header again (~0.7 us). Anything else
@@ -685,6 +833,12 @@ forget the key `rekey` replaced).
             except (TypeError, ValueError, OverflowError, msgspec.MsgspecError) as exc:  # a seq beyond 64 bits
                 raise ConfigError(f"cannot encode the message header: {exc}") from exc
         return self._encode_header(fields), payload_frames
+
+    def _split(self, payload_frames: list[Any]) -> tuple[list[Any], tuple[tuple[int, int], ...]]:
+        try:
+            return _split(payload_frames, self._part)
+        except (TypeError, ValueError, BufferError) as exc:  # a frame that is not one contiguous buffer
+            raise ConfigError(f"cannot split a payload frame into parts: {exc}") from exc
 
     def _check_size(self, message: Message, total: int) -> None:
         if total > self._max:  # the same bound, and words, for every layout
@@ -793,7 +947,7 @@ forget the key `rekey` replaced).
             header = _HEADER_DECODER.decode(frame[5:end])
         except msgspec.MsgspecError:
             return None
-        if header.version != VERSION or header.nframes != 1 or (
+        if header.version != VERSION or header.nframes != 1 or header.parts or (
                 header.session_type is None and header.flags & FLAG_SESSION):
             return None
         envelope: Envelope = _new_object(Envelope)
@@ -955,22 +1109,26 @@ forget the key `rekey` replaced).
             raise MalformedFrame(f"cannot build the message: {exc!r}") from exc
 
     def _decode_payload(self, header: Header, payload: Sequence[Any]) -> Any:
+        if header.parts:  # checked against the frames by _parse_header: regroup, join when consumed
+            payload = _grouped(payload, header.parts)
         if header.codec == 1:  # msgpack
             if len(payload) != 1:
                 raise MalformedFrame(f"msgpack payload in {len(payload)} frames, expected 1")
             try:
-                return msgpack.unpackb(payload[0], raw=False, use_list=True, strict_map_key=False)
+                return msgpack.unpackb(_joined(payload[0], bytes), raw=False, use_list=True,
+                                       strict_map_key=False)
             except Exception as exc:
                 raise MalformedFrame(f"msgpack payload does not decode: {exc!r}") from exc
         if self._safe_only:
             raise MalformedFrame(f"pickle payload from {header.source!r} refused: this codec is msgpack-only")
         # Only `open` reaches here, after the MAC check: pickle only ever sees authenticated bytes.
         try:
+            stream = _joined(payload[0], bytes)
             if header.flags & FLAG_OOB_BYTES:
-                return _OOBUnpickler(payload[0], payload[1:]).load()
+                return _OOBUnpickler(stream, payload[1:]).load()
             if len(payload) == 1:
-                return pickle.loads(payload[0])
-            return pickle.loads(payload[0], buffers=payload[1:])
+                return pickle.loads(stream)
+            return pickle.loads(stream, buffers=[_joined(frame) for frame in payload[1:]])
         except Exception as exc:  # authenticated but undecodable here: a class this side can't import, ...
             raise MalformedFrame(f"pickle payload does not decode: {exc!r}") from exc
 

@@ -48,13 +48,15 @@ Two libzmq properties callers should know (measured here):
 - A receiver whose inbound queue is at RCVHWM stops reading its TCP stream, so it stops answering ZMTP
   heartbeats too: a consumer that leaves RCVHWM messages unread for longer than heartbeat_timeout is
   declared "down" by its senders, exactly like a frozen process (at the protocol level they look the same).
-- ZMQ_MAXMSGSIZE (max_message_bytes) bounds each *part*, not a message, checked on the part's size header
+- ZMQ_MAXMSGSIZE (`max_part_bytes`) bounds each *part*, not a message, checked on the part's size header
   before anything is allocated: a larger part drops the connection at once. It also bounds the commands of
   the handshake, which libzmq decodes whole before the mechanism sees them: a stranger can make us buffer up
-  to max_message_bytes per connection before being refused (800 MB buffered from a PLAIN HELLO announcing
-  1 GiB with a 1 GiB limit; reset at once with a 1 MiB limit). Nothing in libzmq bounds the number of parts
-  of one message: a peer past the handshake can send one that never ends, buffered whole (RCVHWM counts
-  whole messages).
+  to that limit per connection before being refused (800 MB buffered from a PLAIN HELLO announcing 1 GiB
+  with a 1 GiB limit; reset at once with a 1 MiB limit). So it is set to the largest frame the wire codec
+  sends (`frame_bound()`: 4 MiB parts plus room for a header), on both sockets (a server we dial could send
+  a huge handshake command too), and big payloads travel in parts; a whole message is bounded by the
+  codec's `max_message_bytes`. Nothing in libzmq bounds the number of parts of one message: a peer past the
+  handshake can send one that never ends, buffered whole (RCVHWM counts whole messages).
 - Frames in flight when a connection breaks are lost (in kernel buffers or half-written); ZeroMQ has no
   end-to-end acknowledgement. Sessions above the driver must treat "down" as "outcome unknown".
 """
@@ -81,6 +83,7 @@ from rallypoint.errors import ConfigError, PeerUnreachable, ProxyClosed, Timeout
 
 from ._config import deadline_after, time_left
 from ._driver import DriverEvent
+from ._wire import MAX_FRAME_BYTES
 
 __all__ = ["ZmqDriver"]
 
@@ -416,8 +419,12 @@ class ZmqDriver:
     any traffic back before it is declared broken; a frozen peer is "down" within about their sum, a peer
     whose process died within milliseconds (its kernel resets the connection). linger: how long close()
     gives unsent frames. sndhwm / rcvhwm: per-peer queue bounds in messages (a full send queue waits, then
-    raises Timeout; nothing is dropped while the connection lives). max_message_bytes: the largest single
-    frame accepted (libzmq drops the connection of a peer that sends more). reconnect_ivl: how often libzmq
+    raises Timeout; nothing is dropped while the connection lives). max_part_bytes: the largest single frame
+    (ZeroMQ message part) accepted, and the largest handshake command: libzmq drops the connection of a peer
+    that announces more, before buffering it, so a stranger costs at most this much per connection. The
+    default, `frame_bound()` (~4.06 MiB), is the largest frame a default WireCodec sends, since it splits
+    bigger payload frames into parts; a whole message is bounded by the codec's `max_message_bytes`.
+    max_message_bytes (optional) only lowers the part bound further, when smaller. reconnect_ivl: how often libzmq
     retries a broken channel (a peer restarted at the same address comes back "up" by itself).
     advertise_host: the host put in `address` when binding a wildcard host (default: this host's name).
     curve: encrypt every connection with CurveZMQ (for untrusted networks). This driver then makes a key
@@ -443,7 +450,8 @@ class ZmqDriver:
         linger: float = 0.2,
         sndhwm: int = 100_000,
         rcvhwm: int = 100_000,
-        max_message_bytes: int = 1 << 30,
+        max_part_bytes: int = MAX_FRAME_BYTES,
+        max_message_bytes: int | None = None,
         reconnect_ivl: float = 0.1,
         copy_threshold: int = zmq.COPY_THRESHOLD,
         advertise_host: str | None = None,
@@ -457,14 +465,18 @@ class ZmqDriver:
                 raise ConfigError(f"{name} must be > 0 seconds, got {value!r}")
         if linger < 0:
             raise ConfigError(f"linger must be >= 0 seconds, got {linger!r}")
-        if sndhwm < 0 or rcvhwm < 0 or max_message_bytes < 1 or copy_threshold < 0:
-            raise ConfigError("sndhwm/rcvhwm/copy_threshold must be >= 0 and max_message_bytes >= 1")
+        if sndhwm < 0 or rcvhwm < 0 or copy_threshold < 0:
+            raise ConfigError("sndhwm/rcvhwm/copy_threshold must be >= 0")
+        if max_part_bytes < 1 or (max_message_bytes is not None and max_message_bytes < 1):
+            raise ConfigError("max_part_bytes and max_message_bytes must be >= 1")
         self.address = ""
         self._closed = True  # until fully built, so __del__/close on a failed __init__ are quiet
         self._linger = linger
         self._hb = (_ms_option(heartbeat_ivl), _ms_option(heartbeat_timeout), _ms_option(heartbeat_timeout))
         self._rcvhwm = rcvhwm
-        self._max_message_bytes = max_message_bytes
+        # ZMQ_MAXMSGSIZE, on both sockets: no part, and no handshake command, may be larger.
+        self._max_part_bytes = max_part_bytes if max_message_bytes is None else min(max_part_bytes,
+                                                                                     max_message_bytes)
         self._copy_threshold = copy_threshold
         self._advertise_host = advertise_host
         self._curve: tuple[bytes, bytes] | None = zmq.curve_keypair() if curve else None
@@ -491,6 +503,7 @@ class ZmqDriver:
             out.setsockopt(zmq.ROUTER_MANDATORY, 1)
             out.setsockopt(zmq.LINGER, _ms_option(linger))
             out.setsockopt(zmq.SNDHWM, sndhwm)
+            out.setsockopt(zmq.MAXMSGSIZE, self._max_part_bytes)  # what the servers we dial may send us
             out.setsockopt(zmq.RECONNECT_IVL, _ms_option(reconnect_ivl))
             # Give up on a TCP connect after the heartbeat timeout and retry every reconnect_ivl, instead of
             # riding the kernel's SYN retries (1, 3, 7 s...) where a cut link silently drops them.
@@ -617,7 +630,7 @@ class ZmqDriver:
         with _zmq_errors(f"cannot bind {url}"):
             sock.setsockopt(zmq.LINGER, 0)  # nothing is ever sent on it
             sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
-            sock.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
+            sock.setsockopt(zmq.MAXMSGSIZE, self._max_part_bytes)
             # A peer that reconnects under a routing id still attached takes it over instead of being
             # ignored. (Peers do not set ROUTING_ID, so ids are unique anyway; this is belt and braces.)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)

@@ -20,7 +20,18 @@ from rallypoint.errors import (
     ReplayedFrame,
     TransportError,
 )
-from rallypoint.proxy._wire import FLAG_OOB_BYTES, VERSION, Envelope, Header, ReplayGuard, WireCodec
+from rallypoint.proxy._wire import (
+    FLAG_OOB_BYTES,
+    MAX_FRAME_BYTES,
+    MAX_FRAMES,
+    PART_BYTES,
+    VERSION,
+    Envelope,
+    Header,
+    ReplayGuard,
+    WireCodec,
+    frame_bound,
+)
 
 
 def Codec(*args, **kwargs):  # noqa: N802 - stands in for the class
@@ -170,13 +181,13 @@ def test_the_header_is_the_documented_msgpack_array(compact: bool) -> None:
     frames = codec.encode(message, incarnation="inc", seq=2**40, to_incarnation="dest")
     header = codec.open(frames).header
     fields = [VERSION, header.flags, 0, "sum", "master", "w1", message.session_id, message.message_id,
-              "two_phase", "prepare", "voted", "inc", 2**40, 1, "dest"]
+              "two_phase", "prepare", "voted", "inc", 2**40, 1, "dest", []]
     expected = msgpack.packb(fields, use_bin_type=True)
     first = bytes(frames[0])
     assert (first[5:5 + len(expected)] if compact else first) == expected
     assert header.__struct_fields__ == (
         "version", "flags", "codec", "tag", "source", "destination", "session_id", "message_id", "session_type",
-        "session_stage", "event", "incarnation", "seq", "nframes", "to_incarnation",
+        "session_stage", "event", "incarnation", "seq", "nframes", "to_incarnation", "parts",
     )
 
 
@@ -248,7 +259,7 @@ def test_big_frames_enter_the_mac_as_digests_and_are_still_covered() -> None:
 
 
 def test_every_byte_of_a_big_frame_is_covered() -> None:
-    codec = Codec(KEY)
+    codec = Codec(KEY, max_part_bytes=16 << 20)  # one frame: parts are tested below
     arr = np.arange((9 << 20) // 8, dtype=np.int64)  # 9 MiB: one Poly1305 tag over the whole frame
     frames = codec.encode(Message("x", "a", "b", arr), incarnation="i", seq=1)
     assert np.array_equal(codec.decode(frames).payload, arr)
@@ -380,7 +391,7 @@ def _fields(**changes: object) -> list[object]:
     base: dict[str, object] = dict(
         version=VERSION, flags=0, codec=0, tag="t", source="a", destination="b", session_id="s",
         message_id="m", session_type=None, session_stage=None, event=None, incarnation="i", seq=1, nframes=1,
-        to_incarnation="",
+        to_incarnation="", parts=[],
     )
     base.update(changes)
     return list(base.values())
@@ -709,3 +720,160 @@ def test_encode_many_refuses_what_encode_refuses() -> None:
     with pytest.raises(ConfigError):
         codec.encode_many([Message("t", "a", "b"), Message("t", "a", "b", lambda: 1)], incarnation="i", seqs=[1, 2])
     assert codec.encode_many([], incarnation="i", seqs=[]) == []
+
+
+# ------------------------------------------------------------------------------ big frames in parts
+
+MIB = 1 << 20
+
+
+def _received(frames: list) -> list:
+    """What a driver hands over: bytes for small frames, writable memoryviews of their own memory for big ones."""
+    return [bytes(f) if memoryview(f).nbytes < ZC else memoryview(bytearray(f)) for f in frames]
+
+
+def test_a_frame_over_max_part_bytes_travels_as_views_in_parts_and_is_joined_once() -> None:
+    codec = WireCodec(KEY)
+    assert codec.max_part_bytes == PART_BYTES == 4 * MIB
+    big = np.arange((9 * MIB) // 8, dtype=np.float64)  # 9 MiB: parts of 4 + 4 + 1 MiB
+    frames = codec.encode(Message("x", "a", "b", {"w": big}), incarnation="i", seq=1)
+    assert len(frames) == 6  # header, pickle stream, 3 parts, mac
+    assert [memoryview(f).nbytes for f in frames[2:5]] == [4 * MIB, 4 * MIB, MIB]
+    for part in frames[2:5]:  # no copy on send: every part is a view of the array
+        assert np.shares_memory(np.frombuffer(part, dtype=np.uint8), big)
+    received = _received(frames)
+    envelope = codec.open(received)
+    assert envelope.header.parts == ((1, 3),) and envelope.header.nframes == 4
+    assert envelope.nbytes == sum(memoryview(f).nbytes for f in frames)
+    out = envelope.message().payload["w"]
+    assert np.array_equal(out, big) and out.flags.writeable
+    assert not any(np.shares_memory(out, np.frombuffer(f, dtype=np.uint8)) for f in received[2:5])  # joined
+    assert [memoryview(f).nbytes for f in envelope.payload_frames] == [len(received[1]), big.nbytes]
+
+
+def test_a_frame_within_the_part_bound_is_not_split_and_stays_zero_copy() -> None:
+    codec = WireCodec(KEY)
+    exact = np.zeros(PART_BYTES, dtype=np.uint8)
+    frames = codec.encode(Message("x", "a", "b", exact), incarnation="i", seq=1)
+    assert len(frames) == 4 and memoryview(frames[2]).nbytes == PART_BYTES
+    received = _received(frames)
+    envelope = codec.open(received)
+    assert envelope.header.parts == ()
+    out = envelope.message().payload
+    assert np.shares_memory(out, np.frombuffer(received[2], dtype=np.uint8))  # rebuilt on the received frame
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_big_bytes_in_parts_come_back_as_their_type(kind: type) -> None:
+    codec = WireCodec(KEY, max_part_bytes=ZC)
+    blob = kind(os.urandom(5 * ZC + 3))
+    payload = {"blob": blob, "small": np.arange(5), "other": kind(os.urandom(ZC))}
+    frames = codec.encode(Message("x", "a", "b", payload), incarnation="i", seq=1)
+    assert max(memoryview(f).nbytes for f in frames) <= codec.max_frame_bytes
+    envelope = codec.open(_received(frames))
+    assert envelope.header.flags & FLAG_OOB_BYTES and envelope.header.parts == ((1, 6),)
+    out = envelope.message().payload
+    assert out["blob"] == blob and type(out["blob"]) is kind and type(out["other"]) is kind
+    assert np.array_equal(out["small"], np.arange(5))
+
+
+def test_every_payload_frame_can_be_split_the_stream_several_buffers_and_msgpack() -> None:
+    codec = WireCodec(KEY, max_part_bytes=ZC)
+    in_band = list(range(100_000))  # a pickle stream of ~300 KB: the stream itself travels in parts
+    arrays = [np.full(3 * ZC // 8, i, dtype=np.int64) for i in range(2)]
+    payload = {"list": in_band, "a": arrays[0], "mid": np.arange(ZC // 8), "b": arrays[1]}
+    frames = codec.encode(Message("x", "a", "b", payload), incarnation="i", seq=1)
+    envelope = codec.open(_received(frames))
+    assert [index for index, _ in envelope.header.parts] == [0, 1, 3]
+    out = envelope.message().payload
+    assert out["list"] == in_band and np.array_equal(out["mid"], np.arange(ZC // 8))
+    assert np.array_equal(out["a"], arrays[0]) and np.array_equal(out["b"], arrays[1])
+    packed = WireCodec(KEY, codec="msgpack", max_part_bytes=ZC)
+    data = {"blob": os.urandom(3 * ZC), "n": 1}
+    frames = packed.encode(Message("x", "a", "b", data), incarnation="i", seq=2)
+    assert len(frames) == 2 + 4 and packed.open(frames).header.parts == ((0, 4),)
+    assert packed.decode(_received(frames)).payload == data
+
+
+def test_every_part_is_covered_by_the_mac_in_its_place() -> None:
+    codec = WireCodec(KEY, max_part_bytes=ZC)
+    frames = [bytes(f) for f in codec.encode(Message("x", "a", "b", np.arange(ZC // 2, dtype=np.int64)),
+                                             incarnation="i", seq=1)]
+    assert len(frames) == 2 + 4 + 1
+    for i in range(2, 6):
+        for pos in (0, len(frames[i]) - 1):
+            forged = list(frames)
+            forged[i] = bytes(b ^ 0x01 if j == pos else b for j, b in enumerate(forged[i][:pos + 1])) + \
+                forged[i][pos + 1:]
+            with pytest.raises(ForgedFrame):
+                codec.decode(forged)
+    swapped = frames[:2] + [frames[3], frames[2]] + frames[4:]
+    with pytest.raises(ForgedFrame):
+        codec.decode(swapped)
+    with pytest.raises(ForgedFrame):  # a part dropped (the MAC covers the frame count, and comes first)
+        codec.decode(frames[:3] + frames[4:])
+    rejoined = frames[:2] + [frames[2] + frames[3]] + frames[4:]  # parts merged: the count no longer fits
+    with pytest.raises(FrameError):
+        codec.decode(rejoined)
+
+
+def test_the_size_bound_counts_every_part_before_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    codec = WireCodec(KEY, max_message_bytes=10 * ZC, max_part_bytes=ZC)
+    with pytest.raises(ConfigError, match="max_message_bytes"):
+        codec.encode(Message("x", "a", "b", os.urandom(11 * ZC)), incarnation="i", seq=1)
+    frames = [b"h" * 10] + [b"p" * ZC] * 11 + [b"m" * 32]  # every part within the part bound, 11 in all
+    monkeypatch.setattr(type(codec._mac), "compute", lambda *a: pytest.fail("hashed an oversized message"))
+    with pytest.raises(OversizedFrame):
+        codec.open(frames)
+
+
+def test_a_signed_header_whose_parts_do_not_fit_is_malformed() -> None:
+    codec = Codec(KEY)
+    stream = pickle.dumps(b"x" * 100)
+    pieces = [stream[:40], stream[40:80], stream[80:]]
+    good = _signed_with_header(codec, msgpack.packb(_fields(nframes=3, parts=[[0, 3]])), pieces)
+    assert codec.decode(good).payload == b"x" * 100  # a stream in 3 parts, joined back
+    for parts in ([[0, 1]], [[0, 2], [0, 2]], [[1, 2], [0, 2]], [[2, 2]], [[0, 4]], [[0, 2], [1, 2]],
+                  [[-1, 3]], [0, 3], [[0, 3, 1]], [[0, "3"]]):
+        frames = _signed_with_header(codec, msgpack.packb(_fields(nframes=3, parts=parts)), pieces)
+        with pytest.raises(MalformedFrame):
+            codec.open(frames)
+    compact = WireCodec(KEY)  # a compact frame never has parts: the one-pass path hands it to the full checks
+    header = msgpack.packb(_fields(parts=[[0, 2]]))
+    body = [header, stream]
+    assert compact._mac is not None
+    mac = compact._mac.compute(body, [len(f) for f in body])
+    frame = b"\xc1" + len(header).to_bytes(4, "little") + header + stream + mac
+    with pytest.raises(MalformedFrame, match="parts"):
+        compact.open([frame])
+
+
+def test_no_frame_exceeds_max_frame_bytes() -> None:
+    codec = WireCodec(KEY, max_part_bytes=ZC)
+    assert codec.max_frame_bytes == frame_bound(ZC) and MAX_FRAME_BYTES == frame_bound(PART_BYTES)
+    messages = [Message("t", "m", "w", b"x" * 700) for _ in range(300)]  # batches
+    messages += [Message("big", "m", "w", os.urandom(10 * ZC)), Message("c", "m", "w", "x" * (ZC - 100))]
+    out = codec.encode_many(messages, incarnation="i", seqs=range(1, len(messages) + 1))
+    assert len(out) > 3  # the small ones in several batches, each a frame within the part bound
+    assert all(memoryview(f).nbytes <= ZC for frames in out[:-2] for f in frames)
+    assert all(memoryview(f).nbytes <= codec.max_frame_bytes for frames in out for f in frames)
+    got = [e.message().payload for frames in out for e in codec.open_many(_received(frames))]
+    assert got == [m.payload for m in messages]
+
+
+def test_a_two_gib_message_fits_in_parts() -> None:
+    codec = WireCodec(None, max_message_bytes=1 << 31)  # unsigned: nothing hashed, untouched pages stay unmapped
+    blob = bytes((1 << 31) - 4096)
+    frames = codec.encode(Message("x", "a", "b", blob), incarnation="i", seq=1)
+    assert len(frames) == 2 + 512 <= MAX_FRAMES
+    envelope = codec.open(frames)
+    assert envelope.header.parts == ((1, 512),) and envelope.nbytes <= 1 << 31
+
+
+def test_part_bounds_that_cannot_work_are_refused() -> None:
+    with pytest.raises(ConfigError, match="zero_copy_threshold"):
+        WireCodec(KEY, max_part_bytes=ZC - 1)
+    with pytest.raises(ConfigError, match="too small"):
+        WireCodec(KEY, max_message_bytes=1 << 33, max_part_bytes=ZC)  # 131072 parts
+    assert WireCodec(KEY, max_message_bytes=1 << 20, max_part_bytes=1024, zero_copy_threshold=1024).max_part_bytes \
+        == 1024

@@ -19,16 +19,17 @@ from rallypoint.proxy._wire import Header, WireCodec
 pytestmark = pytest.mark.timeout(60)
 
 KEY = b"fuzz key"
-SIGNED = WireCodec(KEY, max_message_bytes=1 << 20)
-SAFE_UNSIGNED = WireCodec(None, codec="msgpack", max_message_bytes=1 << 20)
+# Parts of 64 KiB: the big payloads below travel in parts, so mutations also hit split frames and their header.
+SIGNED = WireCodec(KEY, max_message_bytes=1 << 20, max_part_bytes=64 * 1024)
+SAFE_UNSIGNED = WireCodec(None, codec="msgpack", max_message_bytes=1 << 20, max_part_bytes=64 * 1024)
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _valid(codec: WireCodec) -> list[list[bytes]]:
-    payloads: list[object] = [None, {"a": [1, 2, "x"]}, b"\x00" * 10]
+    payloads: list[object] = [None, {"a": [1, 2, "x"]}, b"\x00" * 10, {"split": b"y" * 150_000}]
     if codec.codec == "pickle":
-        payloads += [np.arange(10_000, dtype=np.int64), {"blob": b"z" * 70_000}]
+        payloads += [np.arange(10_000, dtype=np.int64), {"blob": b"z" * 70_000}, list(range(30_000))]
     out = []
     for i, payload in enumerate(payloads):
         for msg in (Message("t", "a", "b", payload), SessionMessage("s", "a", "b", payload, event="e")):
@@ -40,6 +41,8 @@ def _valid(codec: WireCodec) -> list[list[bytes]]:
 
 
 VALID = {id(SIGNED): _valid(SIGNED), id(SAFE_UNSIGNED): _valid(SAFE_UNSIGNED)}
+assert all(any(codec.open_many(frames)[0].header.parts for frames in VALID[id(codec)])
+           for codec in (SIGNED, SAFE_UNSIGNED))  # some of them came in parts
 
 
 def _decode_only_frame_errors(codec: WireCodec, frames: list) -> None:

@@ -22,7 +22,7 @@ import zmq
 from rallypoint.engine import Message
 from rallypoint.errors import ConfigError, PeerUnreachable, ProxyClosed, Timeout
 from rallypoint.proxy._driver import Driver, DriverEvent, InMemoryNetwork
-from rallypoint.proxy._wire import WireCodec
+from rallypoint.proxy._wire import MAX_FRAME_BYTES, WireCodec
 from rallypoint.proxy._zmq import ZmqDriver
 
 pytestmark = pytest.mark.timeout(20)
@@ -293,6 +293,78 @@ def test_big_frames_arrive_as_memoryviews_small_as_bytes(zmq_drivers: Drivers) -
     assert frames is not None
     assert type(frames[0]) is bytes and isinstance(frames[1], memoryview)
     assert frames[1] == big
+
+
+def test_a_64_mb_array_travels_between_members_in_parts(zmq_drivers: Drivers) -> None:
+    # Default part bound on both sides (ZMQ_MAXMSGSIZE ~4 MiB), gated as in a group, the Proxy's 2 GiB
+    # message bound: the codec sends the array as 16 parts, none over the bound, and it arrives intact.
+    token = b"member-token-0123456789"
+    a, b = zmq_drivers(), zmq_drivers()
+    for d in (a, b):
+        d.require_token(token, lambda credential: credential == token)
+    a.bind("127.0.0.1")
+    a.connect("b", b.bind("127.0.0.1"))
+    assert a.wait_up(["b"], 10.0) == set()
+    codec = WireCodec(b"group key", max_message_bytes=1 << 31)
+    array = np.random.default_rng(7).random(8 << 20)  # 64 MiB of float64
+    frames = codec.encode(Message("big", "a", "b", {"w": array}), incarnation="i", seq=1)
+    assert len(frames) == 2 + 16 + 1 and max(memoryview(f).nbytes for f in frames) <= MAX_FRAME_BYTES
+    a.send("b", frames, timeout=10.0)
+    received = wait_for(b, "frames", timeout=15.0).frames
+    assert received is not None and len(received) == len(frames)
+    out = codec.decode(received).payload["w"]
+    assert out.dtype == array.dtype and np.array_equal(out, array)
+
+
+def test_a_frame_over_max_part_bytes_drops_the_connection_before_delivery(zmq_drivers: Drivers) -> None:
+    a, b = zmq_drivers(), zmq_drivers(max_part_bytes=64 * 1024)
+    a.bind("127.0.0.1")
+    a.connect("b", b.bind("127.0.0.1"))
+    assert a.wait_up(["b"], 5.0) == set()
+    a.send("b", [b"ok", bytes(64 * 1024)], timeout=5.0)  # exactly the bound: delivered
+    assert wait_for(b, "frames").frames == [b"ok", bytes(64 * 1024)]
+    a.send("b", [b"too big", bytes(64 * 1024 + 1)], timeout=5.0)
+    wait_for(a, "down", "b")  # b's libzmq reset the connection at the part's size header
+    assert a.wait_up(["b"], 5.0) == set()  # and libzmq reconnected by itself
+    a.send("b", [b"after"], timeout=5.0)
+    assert wait_for(b, "frames").frames == [b"after"]  # the oversized message never came out
+
+
+def test_max_message_bytes_only_lowers_the_part_bound(zmq_drivers: Drivers) -> None:
+    with pytest.raises(ConfigError):
+        ZmqDriver(max_part_bytes=0)
+    a, b = zmq_drivers(), zmq_drivers(max_part_bytes=1 << 20, max_message_bytes=1024)
+    a.bind("127.0.0.1")
+    a.connect("b", b.bind("127.0.0.1"))
+    assert a.wait_up(["b"], 5.0) == set()
+    a.send("b", [bytes(1025)], timeout=5.0)
+    wait_for(a, "down", "b")
+    assert a.wait_up(["b"], 5.0) == set()
+    a.send("b", [bytes(1024)], timeout=5.0)
+    assert wait_for(b, "frames").frames == [bytes(1024)]
+
+
+def test_a_server_we_dial_cannot_make_us_buffer_a_huge_handshake_command(zmq_drivers: Drivers) -> None:
+    # The outbound socket has the same bound: a "peer" at a registered address that answers our greeting
+    # with a command announcing 1 GiB is cut off at its header.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = zmq_drivers()
+        a.connect("evil", f"tcp://127.0.0.1:{server.getsockname()[1]}")
+        server.settimeout(5.0)
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(5.0)
+            greeting = b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
+            conn.sendall(greeting + b"\x06" + (1 << 30).to_bytes(8, "big") + b"\x05READY")
+            sent, chunk = 0, bytes(1 << 20)
+            try:
+                while sent < 256 << 20:
+                    conn.sendall(chunk)
+                    sent += len(chunk)
+            except OSError:  # reset by the driver
+                pass
+        assert sent < 256 << 20, "the driver kept reading an oversized handshake command"
+        assert not a.is_up("evil")
 
 
 def test_full_queue_times_out(zmq_drivers: Drivers) -> None:

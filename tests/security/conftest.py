@@ -1,7 +1,8 @@
 """Fixtures for the attack tests: a gated victim driver in a subprocess (its RSS is its own), loopback only.
 
-    victim = victims(max_message_bytes=4 << 20)   # started, bound; killed at teardown
-    victim.port, victim.address, victim.stats()  # stats: rss_kb refused delivered parts warnings
+    victim = victims(max_part_bytes=4 << 20)      # ZmqDriver keywords; started, bound; killed at teardown
+    victim.port, victim.address, victim.stats()  # stats: rss_kb hwm_kb refused delivered parts warnings
+    victim.stats(reset_peak=True)                 # hwm_kb from now on
 """
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ VICTIM = Path(__file__).with_name("zap_victim.py")
 
 
 class Victim:
-    def __init__(self, max_message_bytes: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(VICTIM), TOKEN.decode(), str(max_message_bytes)],
+    def __init__(self, **driver_kwargs: Any) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(VICTIM), TOKEN.decode(), json.dumps(driver_kwargs)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdin is not None
         self.address = self.proc.stdout.readline().strip()
         assert self.address.startswith("tcp://127.0.0.1:"), f"victim did not start: {self.address!r}"
         self.port = int(self.address.rsplit(":", 1)[1])
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, *, reset_peak: bool = False) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("stats\n")
+        self.proc.stdin.write("reset\n" if reset_peak else "stats\n")
         self.proc.stdin.flush()
         return dict(json.loads(self.proc.stdout.readline()))
 
@@ -59,8 +60,8 @@ class Victim:
 def victims() -> Iterator[Callable[..., Victim]]:
     started: list[Victim] = []
 
-    def start(max_message_bytes: int = 1 << 30) -> Victim:
-        victim = Victim(max_message_bytes)
+    def start(**driver_kwargs: Any) -> Victim:
+        victim = Victim(**driver_kwargs)
         started.append(victim)
         return victim
 

@@ -15,6 +15,7 @@ import pytest
 from conftest import TOKEN, Victim
 from zmtp_raw import COMMAND, LONG, RawZmtp, command, frame_header, greeting
 
+from rallypoint.proxy._wire import MAX_FRAME_BYTES
 from rallypoint.proxy._zmq import ZmqDriver
 
 pytestmark = pytest.mark.timeout(60)
@@ -89,11 +90,12 @@ def test_a_stranger_flood_is_refused_at_the_handshake(victims: Callable[..., Vic
     legitimate_client_gets_through(victim, before=0)
 
 
-def test_a_stranger_cannot_make_the_handshake_buffer_more_than_max_message_bytes(
+def test_a_stranger_cannot_make_the_handshake_buffer_more_than_max_part_bytes(
         victims: Callable[..., Victim]) -> None:
     # libzmq decodes a handshake command whole before the mechanism sees it, so a PLAIN HELLO that
-    # announces 1 GiB is bounded only by ZMQ_MAXMSGSIZE: with a 4 MiB limit it is refused at its header.
-    victim = victims(max_message_bytes=4 * MB)
+    # announces 1 GiB is bounded only by ZMQ_MAXMSGSIZE: with the default limit (~4 MiB, the largest frame
+    # the codec sends) it is refused at its header.
+    victim = victims()
     base = victim.stats()
     with RawZmtp("127.0.0.1", victim.port, mechanism="PLAIN") as raw:
         raw.send_raw(greeting("PLAIN") + bytes((COMMAND | LONG,)) + (1 << 30).to_bytes(8, "big"))
@@ -128,7 +130,7 @@ def test_garbage_floods_are_counted_and_logged_rate_limited(victims: Callable[..
 
 def test_an_oversized_part_from_a_member_is_refused_before_it_is_buffered(
         victims: Callable[..., Victim]) -> None:
-    victim = victims(max_message_bytes=4 * MB)
+    victim = victims()  # the default part bound: MAX_FRAME_BYTES
     base = victim.stats()
     with RawZmtp("127.0.0.1", victim.port, mechanism="PLAIN", password=TOKEN) as raw:
         assert raw.handshake()
@@ -143,6 +145,6 @@ def test_an_oversized_part_from_a_member_is_refused_before_it_is_buffered(
         member.require_token(TOKEN, lambda credential: credential == TOKEN)
         member.connect("victim", victim.address)
         assert member.wait_up(["victim"], 10.0) == set()
-        member.send("victim", [b"header", bytes(4 * MB)], timeout=5.0)
+        member.send("victim", [b"header", bytes(MAX_FRAME_BYTES)], timeout=5.0)
         victim.wait_for(lambda s: s["delivered"] == 1 and s["parts"] == 2)
 
