@@ -164,7 +164,7 @@ class Proxy:
         self._registry: Registry = registry_from(registry_spec, timeout=timeouts.registry)
         if driver is not None and curve:
             raise ConfigError("curve=True configures the default driver; pass ZmqDriver(curve=True) instead")
-        self._driver: Driver = driver if driver is not None else self._default_driver(max_message_bytes, curve)
+        self._driver: Driver = driver if driver is not None else self._default_driver(curve)
         self._secret = secret_from(secret, os.environ)  # the trust root, when given: the registry never sees it
         self._incarnation = uuid.uuid4().hex
         self._book = SessionBook(max_finished=max_buffered)
@@ -185,11 +185,11 @@ class Proxy:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _default_driver(self, max_message_bytes: int, curve: bool) -> Driver:
+    def _default_driver(self, curve: bool) -> Driver:
         from ._zmq import ZmqDriver  # the only zmq-touching module; imported where the default is used
 
         return ZmqDriver(heartbeat_ivl=self.liveness.heartbeat, heartbeat_timeout=self.liveness.heartbeat_timeout,
-                         linger=self.timeouts.close, max_message_bytes=max_message_bytes, curve=curve)
+                         linger=self.timeouts.close, curve=curve)  # libzmq's per-part bound: the codec sends parts
 
     def _join(self, host: str | None, port: int, codec_name: str, max_message_bytes: int) -> None:
         deadline = deadline_after(self.timeouts.join)
