@@ -416,7 +416,7 @@ class RegisterTable:
             return
         peers = self.peers
         view = peers() if callable(peers) else peers
-        names = frozenset(name for names in (view or {}).values() for name in names)
+        names = frozenset().union(*(view or {}).values())
         if names == self._peer_names:
             return
         self._peer_names = names

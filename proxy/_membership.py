@@ -646,8 +646,9 @@ class _LeaseKeeper(threading.Thread):
                     m._full_read_at = float("inf")
                 read, members = m._read_members()
                 version = current
-                # The safety net's period grows with the group, so that its cost stays linear in the group's size.
-                next_full = now + max(_FULL_READ_EVERY_LEASES * lease, len(members) * refresh)
+                # The safety net's period grows with the group (one lease per member), so that the bytes it costs the
+                # registry stay linear in the group's size, not quadratic.
+                next_full = now + max(_FULL_READ_EVERY_LEASES * lease, len(members) * lease)
             except RegistryError as exc:
                 if not self.registry_down:
                     logger.warning("%s: registry unreachable, keeping the last member list: %s", m.name, exc)

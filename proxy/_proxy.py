@@ -16,6 +16,7 @@ This module imports neither zmq nor redis: the driver and the registry are objec
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import socket
@@ -248,9 +249,13 @@ class Proxy:
         delay, next_read = 0.005, 0.0
         while True:
             if time.monotonic() >= next_read:
-                self._until_registry(lambda: membership.refresh_if_changed(quiet=True), deadline)
-                # Polled fast until every expected peer registered (the last one is noticed within 25 ms), then
-                # at the lease keeper's pace while the handshakes complete.
+                # Polled fast (a cheap version read, the whole list only when it moved) until every expected peer
+                # registered: the last one is noticed within 25 ms. Then, while handshakes complete, the whole
+                # list at the lease keeper's pace: a member killed without close() stays listed until its lease
+                # lapses, and only a read of the whole list finds that (and tells everyone).
+                waiting_for_handshakes = not membership.joined(self.expected_peers)
+                read = membership.refresh_now if waiting_for_handshakes else membership.refresh_if_changed
+                self._until_registry(functools.partial(read, quiet=True), deadline)
                 missing = membership.joined(self.expected_peers)
                 next_read = time.monotonic() + (delay if missing else self.liveness.refresh)
                 delay = min(delay * 2, 0.025)

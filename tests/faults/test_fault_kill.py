@@ -140,14 +140,16 @@ def test_a_process_killed_without_close_does_not_make_a_joiner_wait_past_its_lea
     """A stale registration (SIGKILL, no unregister) costs a joiner at most the lease, never a JoinTimeout."""
     live, dead = workers(2)
     lease = Liveness(lease=2.0, refresh=0.2, heartbeat=0.2, heartbeat_timeout=1.0)
-    # A first master lets both workers finish joining (they expect one), then leaves.
+    # A first master lets both workers finish joining (they expect one). It stays: a master that left would end
+    # the workers' job (they return from launch() once every master they expect has left).
     with _master(workers, 2, liveness=lease):
         live.wait_ready()
         dead.wait_ready()
-    dead.sigkill()  # its entry stays in the registry until its lease (2 s in peer.py) lapses
-    started = time.monotonic()
-    with _master(workers, 1, liveness=lease) as master:
-        joined = time.monotonic() - started
-        assert master.peers == {"worker": [live.name]}
+        dead.sigkill()  # its entry stays in the registry until its lease (2 s in peer.py) lapses
+        started = time.monotonic()
+        with make_proxy(workers.registry, workers.group, "master", "master_2", expected_peers={"worker": 1},
+                        liveness=lease, timeouts=TIMEOUTS) as master:
+            joined = time.monotonic() - started
+            assert master.peers["worker"] == [live.name]
     report(f"join with a SIGKILLed member still listed: {joined:.3f}s (its lease: 2.0s)")
     assert joined < 2.0 + 2.0
