@@ -256,6 +256,20 @@ class _Gate:
                               self.address)
 
 
+def _bind_zap(zap: zmq.Socket[Any], patience: float = 1.0) -> None:
+    """Bind the context's ZAP endpoint. A handler that just stopped (its last driver closed) releases the
+    endpoint asynchronously, inside libzmq: "address in use" is retried for up to `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            zap.bind(_ZAP_ENDPOINT)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 class _Gatekeeper(threading.Thread):
     """The ZAP handler of one ZeroMQ context, for every gated driver on it, in a thread of its own.
 
@@ -279,7 +293,7 @@ class _Gatekeeper(threading.Thread):
         zap = ctx.socket(zmq.ROUTER)
         zap.setsockopt(zmq.LINGER, 0)
         try:
-            zap.bind(_ZAP_ENDPOINT)
+            _bind_zap(zap)
         except zmq.ZMQError as exc:
             zap.close(0)
             os.close(self._wake_r)
