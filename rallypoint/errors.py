@@ -231,8 +231,10 @@ class Timeout(TransportError, TimeoutError):
         super().__init__(message, replies=replies, session_ids=session_ids)
 
 
-class PeerUnreachable(TransportError):
-    """There is no live connection to that peer (never joined, or not reconnected yet)."""
+class _PeerError(TransportError):
+    """A transport error about one peer, named in `.peer` (the message defaults to `_about` with it filled in)."""
+
+    _about = "peer {peer!r}"
 
     def __init__(
         self,
@@ -243,7 +245,13 @@ class PeerUnreachable(TransportError):
         session_ids: Iterable[str] = (),
     ) -> None:
         self.peer = peer
-        super().__init__(message or f"peer {peer!r} is unreachable", replies=replies, session_ids=session_ids)
+        super().__init__(message or self._about.format(peer=peer), replies=replies, session_ids=session_ids)
+
+
+class PeerUnreachable(_PeerError):
+    """There is no live connection to that peer (never joined, or not reconnected yet)."""
+
+    _about = "peer {peer!r} is unreachable"
 
 
 class PeerGone(TransportError):
@@ -270,23 +278,10 @@ class PeerGone(TransportError):
         super().__init__(message or default, replies=replies, session_ids=session_ids)
 
 
-class DeliveryRefused(TransportError):
+class DeliveryRefused(_PeerError):
     """A message for a gone peer could not be held (the hold bound was hit) and was not sent."""
 
-    def __init__(
-        self,
-        peer: str,
-        message: str | None = None,
-        *,
-        replies: Iterable[Message] = (),
-        session_ids: Iterable[str] = (),
-    ) -> None:
-        self.peer = peer
-        super().__init__(
-            message or f"message for gone peer {peer!r} was refused: hold bound reached",
-            replies=replies,
-            session_ids=session_ids,
-        )
+    _about = "message for gone peer {peer!r} was refused: hold bound reached"
 
 
 class FrameError(TransportError):
