@@ -14,7 +14,9 @@ to a new address, which the caller asked for.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -167,6 +169,7 @@ class InMemoryNetwork:
                 if addr == address and (peer in d._up) != up and (not up or self._admits(d, address)):
                     (d._up.add if up else d._up.discard)(peer)
                     d._events.append(DriverEvent("up" if up else "down", peer))
+                    d._signal()
         self._cond.notify_all()
 
     def _admits(self, client: InMemoryDriver, address: str) -> bool:
@@ -212,6 +215,7 @@ class InMemoryDriver:
         self.refused_handshakes = 0
         self._refused: set[str] = set()  # addresses that refused us: retried while waiting, like ZeroMQ
         self._origin = next(_origins).to_bytes(8, "big")  # our "connection", as receivers see it
+        self._pipe: tuple[int, int] | None = None  # made by fds(), for an event loop: written on every event
 
     def _retry_refused(self) -> None:
         """Try the handshake again with every peer whose address refused us (caller holds the lock)."""
@@ -221,6 +225,27 @@ class InMemoryDriver:
                     and self._net._admits(self, address):
                 self._up.add(peer)
                 self._events.append(DriverEvent("up", peer))
+                self._signal()
+
+    def _signal(self) -> None:
+        """An event is waiting: make `fds()` readable, if anyone asked for it (caller holds the lock)."""
+        if self._pipe is not None:
+            with contextlib.suppress(BlockingIOError):  # full: readable already
+                os.write(self._pipe[1], b"\x01")
+
+    def fds(self) -> list[int]:
+        """A descriptor that turns readable whenever `poll(0)` has something, for an event loop's add_reader (made
+        on the first call: a driver nobody watches this way pays nothing per event)."""
+        with self._cond:
+            self._check_open()
+            if self._pipe is None:
+                read_end, write_end = os.pipe()
+                os.set_blocking(read_end, False)
+                os.set_blocking(write_end, False)
+                self._pipe = (read_end, write_end)
+                if self._events or self._woken:
+                    self._signal()
+            return [self._pipe[0]]
 
     def _check_open(self) -> None:
         if self._closed:
@@ -268,6 +293,7 @@ class InMemoryDriver:
             if address in self._net._bound and self._net._admits(self, address):
                 self._up.add(peer)
                 self._events.append(DriverEvent("up", peer))
+                self._signal()
                 self._cond.notify_all()
 
     def disconnect(self, peer: str) -> None:
@@ -300,6 +326,8 @@ class InMemoryDriver:
                 target = net._bound.get(self._peers[peer])
                 if target is not None and len(target._events) < net.hwm:
                     target._events.append(_new_tuple(DriverEvent, ("frames", None, copied, self._origin)))
+                    if target._pipe is not None:
+                        target._signal()
                     if net._sleepers:
                         self._cond.notify_all()
                     return
@@ -311,6 +339,7 @@ class InMemoryDriver:
                 target = net._bound.get(self._peers[peer]) if peer in self._up else None
                 if target is not None and len(target._events) < net.hwm:
                     target._events.append(DriverEvent("frames", None, copied, self._origin))
+                    target._signal()
                     self._cond.notify_all()
                     return
                 left = time_left(deadline)
@@ -330,11 +359,16 @@ class InMemoryDriver:
             events = self._events
             self._events = []
             self._woken = False
+            if self._pipe is not None:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._pipe[0], 4096):
+                        pass
             return events
 
     def wakeup(self) -> None:
         with self._cond:
             self._woken = True
+            self._signal()
             self._cond.notify_all()
 
     def close(self, linger: float = 0.2) -> None:
@@ -350,6 +384,11 @@ class InMemoryDriver:
             self._events.clear()
             self._peers.clear()
             self._up.clear()
+            if self._pipe is not None:
+                for fd in self._pipe:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                self._pipe = None
             self._cond.notify_all()
 
     def __enter__(self) -> InMemoryDriver:

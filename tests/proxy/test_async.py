@@ -368,3 +368,30 @@ def test_join_timeout_and_use_before_join(registry_url, run):
         await proxy.close()
 
     run(main)
+
+
+def test_async_proxies_on_the_in_memory_registry_and_driver(run):
+    """No sockets at all: the in-memory driver gives the loop a descriptor to watch too (`fds()`)."""
+    from rallypoint.proxy import InMemoryNetwork, InMemoryRegistry
+
+    registry, network, group = InMemoryRegistry(), InMemoryNetwork(), new_group()
+
+    def member(kind: str, name: str, expected: dict[str, int]) -> AsyncProxy:
+        return AsyncProxy(group_name=group, component_type=kind, name=name, expected_peers=expected,
+                          registry=registry, driver=network.driver(), timeouts=TIMEOUTS)
+
+    async def serve(worker: AsyncProxy) -> None:
+        async for message in worker.receive():
+            await worker.reply(message, payload=sum(message.payload))
+
+    async def main() -> None:
+        async with member("master", "master", {}) as master, \
+                member("worker", "worker_0", {"master": 1}) as worker:
+            server = asyncio.ensure_future(serve(worker))
+            replies = await asyncio.gather(*(master.send(SessionMessage("sum", destination="worker_0",
+                                                                        payload=[n, 1])) for n in range(20)))
+            assert sorted(reply.payload for [reply] in replies) == [n + 1 for n in range(20)]
+            worker.stop()
+            await asyncio.wait_for(server, 5)
+
+    run(main)
