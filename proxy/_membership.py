@@ -110,6 +110,7 @@ class Membership:
         self._forget_after: float | None = None
         self._keep_gone: Callable[[str], bool] = lambda peer: True
         self._members: dict[str, PeerRecord] = {}
+        self._view: dict[str, list[str]] | None = None  # view() between changes (see there)
         self._gone: dict[str, float] = {}  # peers declared gone, by when (monotonic)
         self._left: dict[str, tuple[str, float]] = {}  # peers that said goodbye: (incarnation, when)
         self._types: dict[str, str] = {}  # the component type of every peer seen, listed or not (see orphans())
@@ -298,6 +299,7 @@ class Membership:
             else:
                 del self._left[peer]  # a new process under the name of one that left: a new member
         self._members = members
+        self._view = None
         for peer, record in members.items():
             self._types[peer] = record.component_type
             previous = old.get(peer)
@@ -412,6 +414,7 @@ class Membership:
         self._up_seen.add(peer)
         if peer in self._gone:
             del self._gone[peer]
+            self._view = None
             logger.info("%s: peer %r is back", self.name, peer)
         self._listener.peer_back(peer)
 
@@ -423,6 +426,7 @@ class Membership:
         if peer in self._gone:
             return
         self._gone[peer] = time.monotonic()
+        self._view = None
         self._listener.peer_gone(peer, why, loud)
 
     def peer_left(self, peer: str, incarnation: str, component_type: str) -> None:
@@ -433,6 +437,7 @@ class Membership:
         self._types.setdefault(peer, component_type)
         self._gone.pop(peer, None)
         self._members.pop(peer, None)
+        self._view = None
         self._up_seen.discard(peer)
         if peer in self._connected:
             self._connected.discard(peer)
@@ -527,14 +532,21 @@ class Membership:
                       and p not in self._gone and not self._unreachable(p))
 
     def view(self) -> dict[str, list[str]]:
-        """Live members by type: `{type: [names]}`."""
-        view: dict[str, list[str]] = {}
-        for peer, record in self._members.items():
-            if peer not in self._gone and not self._unreachable(peer):
-                view.setdefault(record.component_type, []).append(peer)
-        for names in view.values():
-            names.sort()
-        return view
+        """Live members by type: `{type: [names]}` (a copy: the caller may change it).
+
+        Kept between changes of the member list or of a peer's state, since a rule with a percentage asks for it
+        at every message; rebuilt each time while a channel is still dialing (its peer turns unreachable with
+        time alone)."""
+        view = self._view
+        if view is None or self._dialing:
+            view = {}
+            for peer, record in self._members.items():
+                if peer not in self._gone and not self._unreachable(peer):
+                    view.setdefault(record.component_type, []).append(peer)
+            for names in view.values():
+                names.sort()
+            self._view = view
+        return {kind: list(names) for kind, names in view.items()}
 
     def records(self) -> dict[str, PeerRecord]:
         return dict(self._members)

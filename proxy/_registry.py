@@ -678,6 +678,7 @@ class InMemoryRegistry:
         ] = {}  # group -> name -> (json, deadline)
         self._keys: dict[str, tuple[bytes, float]] = {}  # group -> (key, deadline)
         self._versions: dict[str, int] = {}  # group -> member-list version
+        self._parsed: dict[str | bytes, PeerRecord] = {}  # entry text -> its record (records are immutable)
         self._stats: dict[str, dict[str, tuple[bytes, float]]] = {}  # group -> name -> (summary, deadline)
         self._closed = False
         self.malformed = 0
@@ -738,9 +739,15 @@ class InMemoryRegistry:
                 self._bump(group)
             raw = list(entries.items())
         live: dict[str, PeerRecord] = {}
+        parsed = self._parsed
         for name, (value, _) in raw:
             try:
-                record = PeerRecord.from_json(value)
+                record = parsed.get(value)  # an entry is rewritten verbatim at each refresh: parse it once
+                if record is None:
+                    record = PeerRecord.from_json(value)
+                    if len(parsed) >= _PARSED_MAX:
+                        parsed.clear()
+                    parsed[value] = record
                 if record.name != name:
                     raise RegistryError(f"malformed peer record: it names itself {record.name!r}")
             except RegistryError as exc:
@@ -858,6 +865,9 @@ class InMemoryRegistry:
 
 
 # ------------------------------------------------------------------------------------------- factory
+
+
+_PARSED_MAX = 100_000  # parsed entries the in-memory registry remembers (forgotten all at once beyond that)
 
 
 def _drop_lapsed(entries: dict[str, tuple[Any, float]], now: float) -> list[str]:
