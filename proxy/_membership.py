@@ -306,16 +306,22 @@ class Membership:
             if previous is not None and previous.incarnation != record.incarnation:
                 # Restarted under the same name: what was pending with the old process failed, and the channel is
                 # rebuilt even at the same address, so nothing queued for the old process reaches the new one.
-                self._declare_gone(peer, "restarted as a new process", loud=True)
+                self._declare_gone(peer, "restarted as a new process", loud=peer in self._connected)
                 if peer in self._connected:
                     self._reconnect(peer, record.address)
+                elif not self._keep_gone(peer):
+                    del self._gone[peer]  # nothing of ours waits on it: the new process is simply a member
             elif peer in self._connected:
                 if previous is None or previous.address != record.address:
                     self._up_seen.discard(peer)
                     self._driver.connect(peer, record.address)
-            elif peer in self._gone or self._wanted(record):
-                # A gone peer listed again gets a channel: its handshake ("up") is what brings it back.
+            elif self._wanted(record) or (peer in self._gone and self._keep_gone(peer)):
+                # A gone peer we hold messages for gets a channel: its handshake ("up") is what brings it back.
                 self.connect(peer)
+            elif peer in self._gone and previous is None:
+                # Listed again, and we never talk to it: no channel is opened just to watch it (a group that
+                # churns would otherwise end with every member connected to every other).
+                del self._gone[peer]
         for peer in old.keys() - members.keys():
             if peer not in self._left:
                 self._declare_gone(peer, "left the registry (lease expired or unregistered)",
@@ -493,6 +499,10 @@ class Membership:
             kind = self._types.get(peer, "")
             have[kind] = have.get(kind, 0) + 1
         return {t: n - have.get(t, 0) for t, n in expected.items() if have.get(t, 0) < n}
+
+    def channels(self) -> list[str]:
+        """Peers we opened a channel to (up or still dialing), sorted."""
+        return sorted(self._connected)
 
     def up_peers(self) -> list[str]:
         """Peers whose channel from us is up (listed, not gone, handshake done)."""

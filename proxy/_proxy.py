@@ -401,6 +401,11 @@ class Proxy:
         (or forgot: `HoldPolicy.max_age` after it went)."""
         return self._members().state(name)
 
+    def channels(self) -> list[str]:
+        """The peers this proxy keeps a channel to: those of its `expected_peers` types, those it sent to, and
+        gone ones it holds messages for; never one it has no business with."""
+        return self._members().channels()
+
     def member(self, name: str) -> PeerRecord | None:
         """The registry record of member `name` as this proxy last saw it (None: not listed)."""
         return self._members().record(name)

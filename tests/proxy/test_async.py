@@ -113,7 +113,7 @@ def test_async_master_with_blocking_workers(registry_url, run):
     try:
         run(main)
         for worker in workers:
-            assert worker.wait(10) == 0
+            assert worker.wait(10) == 0, worker.stderr_text()
     finally:
         close_all(workers)
 
@@ -138,7 +138,7 @@ def test_blocking_master_with_async_workers_and_async_handlers(registry_url, run
             master.broadcast("worker", "stop", SessionType.NOTIFICATION)
         run(asyncio.sleep, 0)  # the fixture's loop checks run at least once
         for worker in workers:
-            assert worker.wait(10) == 0, worker.stderr_text()
+            assert worker.wait(10) == 0, worker.stderr_text(), worker.stderr_text()
     finally:
         close_all(workers)
 
@@ -277,7 +277,7 @@ def test_close_while_requests_are_pending(registry_url, run):
     try:
         run(main)
         # The worker heard the master leave (it was closed, not crashed): its launch() ends by itself.
-        assert workers[0].wait(20) == 0
+        assert workers[0].wait(20) == 0, workers[0].stderr_text()
     finally:
         close_all(workers)
 
@@ -321,7 +321,7 @@ def test_async_dist_handlers_with_a_quorum_rule(registry_url, run):
     try:
         run(main)
         for worker in workers:
-            assert worker.wait(10) == 0, worker.stderr_text()
+            assert worker.wait(10) == 0, worker.stderr_text(), worker.stderr_text()
     finally:
         close_all(workers)
 

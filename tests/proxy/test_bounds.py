@@ -58,3 +58,28 @@ def test_holding_for_a_gone_peer_is_bounded_in_bytes(caplog):
             master.isend(Message(tag="blob", destination="worker", payload=blob))
         assert "HoldPolicy.max_bytes" in str(refused.value) and master.held("worker") == 2
         assert master.stats.refused == 1
+
+
+def test_churn_leaves_no_channels_to_peers_a_member_never_talks_to():
+    """A worker restarting again and again (a new process under its name) is listed again each time, but the
+    other workers, which never talk to it, open no channel to it: a churning group does not end fully meshed."""
+    registry, network, group = InMemoryRegistry(), InMemoryNetwork(), new_group()
+
+    def member(kind: str, name: str, expected: dict[str, int]) -> Proxy:
+        return Proxy(group_name=group, component_type=kind, name=name, registry=registry,
+                     driver=network.driver(), expected_peers=expected)
+
+    with member("master", "master", {}) as master, member("worker", "steady", {"master": 1}) as steady:
+        for _ in range(3):
+            churner = member("worker", "churner", {"master": 1})
+            steady.refresh_peers()
+            assert "churner" in steady.peers["worker"]
+            network.kill(churner.address)  # crashes: a new process under its name comes next
+            churner.close()
+            steady.refresh_peers()
+        churner = member("worker", "churner", {"master": 1})
+        steady.refresh_peers()
+        assert steady.peers["worker"] == ["churner"]  # listed again, and live in its view
+        assert steady.channels() == ["master"]  # but no channel to a peer it never talks to
+        churner.close()
+        master.refresh_peers()
