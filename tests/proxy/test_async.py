@@ -138,7 +138,7 @@ def test_blocking_master_with_async_workers_and_async_handlers(registry_url, run
             master.broadcast("worker", "stop", SessionType.NOTIFICATION)
         run(asyncio.sleep, 0)  # the fixture's loop checks run at least once
         for worker in workers:
-            assert worker.wait(10) == 0, worker.stderr_text(), worker.stderr_text()
+            assert worker.wait(10) == 0, worker.stderr_text()
     finally:
         close_all(workers)
 
@@ -156,7 +156,7 @@ def test_a_thousand_concurrent_sends_each_get_their_own_reply(registry_url, run)
             requests = [SessionMessage("echo", destination=names[i % 4], payload=(i, "x" * (i % 7)))
                         for i in range(1000)]
             results = await asyncio.gather(*(proxy.send(r) for r in requests))
-            for request, replies in zip(requests, results):
+            for request, replies in zip(requests, results, strict=True):
                 [reply] = replies
                 assert reply.session_id == request.session_id
                 assert reply.payload == request.payload
@@ -321,7 +321,7 @@ def test_async_dist_handlers_with_a_quorum_rule(registry_url, run):
     try:
         run(main)
         for worker in workers:
-            assert worker.wait(10) == 0, worker.stderr_text(), worker.stderr_text()
+            assert worker.wait(10) == 0, worker.stderr_text()
     finally:
         close_all(workers)
 

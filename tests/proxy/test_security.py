@@ -13,7 +13,7 @@ import time
 import pytest
 import redis
 import zmq
-from proxy_helpers import FAST, WatchedRegistry, make_proxy, new_group
+from proxy_helpers import WatchedRegistry, make_proxy, new_group
 
 from rallypoint import Message, SessionMessage
 from rallypoint.errors import ConfigError, RegistryError, Timeout
