@@ -26,8 +26,8 @@ def test_the_seed_names_are_at_the_top_level():
 
 TOP_LEVEL = [
     "AsyncProxy", "EmbeddedRegistryServer", "Error", "HoldPolicy", "InMemoryDriver", "InMemoryNetwork",
-    "InMemoryRegistry", "Liveness", "Message", "Proxy", "RedisRegistry", "RegisterTable", "SessionMessage", "SessionTracker",
-    "SessionType", "Timeouts", "ZmqDriver", "dist", "load_spec", "parse_rule",
+    "InMemoryRegistry", "Liveness", "Message", "Proxy", "RedisRegistry", "RegisterTable", "SessionMessage",
+    "SessionTracker", "SessionType", "Timeouts", "ZmqDriver", "dist", "load_spec", "parse_rule",
 ]
 
 
