@@ -63,6 +63,7 @@ _T = TypeVar("_T")
 CONTROL = "rallypoint.control"
 """The session type of the proxies' own messages (a goodbye); no spec can declare it: spec names take no dots."""
 _LEAVE = "leave"
+_HELLO = "hello"  # "I keep a channel to you": whom to say goodbye to, though we never wrote to them
 _RAISED_ENDINGS = frozenset({Ended.GONE, Ended.LEFT, Ended.REFUSED})  # what receive_by_id raises for
 _LEAVE_FLOOR = 0.25  # seconds close() always gives the lease keeper to stop, so a normal close unregisters
 DOWN_GRACE = 0.1
@@ -176,6 +177,7 @@ class Proxy:
         self._close_lock = threading.Lock()
         self._membership: Membership | None = None
         self._orphans_reported: set[str] = set()  # gone peers receive() raised PeerGone for already
+        self._heard_from: set[str] = set()  # peers that said hello: they keep a channel to us
         try:
             self._join(host, port, codec, max_message_bytes)
         except BaseException:
@@ -309,11 +311,16 @@ class Proxy:
         self._teardown(deadline)
 
     def _say_goodbye(self) -> None:
-        """Tell every peer we have a channel to, or a session with, that we are leaving: after our last message
-        to it, on the same channel, so it takes everything we sent before it hears we left. A peer waiting on
-        us with no channel of ours to it yet gets one, for at most half of `Timeouts.close`."""
+        """Tell every peer we have a channel to, a session with, or that keeps a channel to us (it said hello),
+        that we are leaving: after our last message to it, on the same channel, so it takes everything we sent
+        before it hears we left. Those with no channel of ours yet get one, for at most half of
+        `Timeouts.close`."""
         membership = self._members()
-        owed = {record.peer for record in self._book.live_records()} - set(membership.up_peers())
+        try:
+            self._pump(0)  # hellos (and anything else) that arrived since we last looked
+        except Error as exc:
+            logger.debug("%s: could not look at the socket before leaving: %s", self.name, exc)
+        owed = ({record.peer for record in self._book.live_records()} | self._heard_from) - set(membership.up_peers())
         if any(membership.state(peer) is None for peer in owed) and not membership.registry_down:
             try:  # a peer that wrote to us before our view listed it: look it up once
                 membership.refresh_now(quiet=True)
@@ -613,9 +620,18 @@ class Proxy:
         self._check_source(message)
         members = self._members()
         members.absorb()
-        if members.has_left(message.destination):
-            raise PeerUnreachable(message.destination, f"{message.destination!r} left the group (it closed)")
         kind = self._catalog.require(message.session_type) if isinstance(message, SessionMessage) else None
+        if members.has_left(message.destination):
+            if expects_reply(kind):  # whoever sends it waits for an answer that cannot come: say so now
+                raise PeerUnreachable(message.destination, f"{message.destination!r} left the group (it closed)")
+            # One-way, to a peer that closed (a job ending while its last notifications fly): nothing can take it
+            # any more, and nothing waits on it; dropped, counted and said, as an answer to it would be.
+            self._book.open(message, kind)
+            self._book.sent_one_way(message.session_id)
+            self.stats.undelivered += 1
+            logger.info("%s: %r left the group before notification %s; not sent", self.name, message.destination,
+                        message.message_id)
+            return message.session_id
         record = self._book.open(message, kind)
         sid = message.session_id
         try:
@@ -925,10 +941,13 @@ class Proxy:
                                       f"max_buffered_bytes={self._inbox.byte_limit})", logging.ERROR)
 
     def _on_control(self, message: Message, incarnation: str) -> None:
-        """A message of the proxies' own: a peer's goodbye."""
+        """A message of the proxies' own: a peer's goodbye, or its hello."""
         payload = message.payload
         if message.tag == _LEAVE and isinstance(payload, dict) and isinstance(payload.get("type"), str):
             self._members().peer_left(message.source, incarnation, payload["type"])
+            self._heard_from.discard(message.source)
+        elif message.tag == _HELLO:
+            self._heard_from.add(message.source)
         else:
             logger.debug("%s: ignored a control message %r from %r", self.name, message.tag, message.source)
 
@@ -949,6 +968,7 @@ class Proxy:
         """Membership: `peer` is gone. Its pending sessions fail, except those whose message is still held
         (they never reached the dead process and wait for its successor)."""
         self.stats.peers_lost += 1
+        self._heard_from.discard(peer)
         failed = self._book.end_with_peer(peer, Ended.GONE, keep=self._outbox.held_sessions(peer))
         warn = (loud or failed) and self._state is ProxyState.OPEN  # news while we close ourselves is no alarm
         logger.log(logging.WARNING if warn else logging.INFO, "%s: peer %r is gone (%s); %d pending sessions "
@@ -963,7 +983,9 @@ class Proxy:
                     f"; {len(failed)} sessions waiting on it failed" if failed else "")
 
     def peer_back(self, peer: str) -> None:
-        """Membership: `peer`'s channel is up again; it gets what was held for it."""
+        """Membership: `peer`'s channel is up (again): we say hello (so that it says goodbye to us when it
+        leaves, though it may never write to us), and it gets what was held for it."""
+        self._outbox.say(SessionMessage(_HELLO, self.name, peer, None, CONTROL))
         if self._outbox.holds_for(peer):
             self._outbox.flush(peer)
 

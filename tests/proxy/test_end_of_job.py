@@ -16,7 +16,7 @@ from job_helpers import JobProcess, severe_lines
 from proxy_helpers import make_proxy, new_group, wait_for
 
 from rallypoint import Message, SessionMessage, SessionType, dist
-from rallypoint.errors import ConfigError, PeerGone
+from rallypoint.errors import ConfigError, PeerGone, PeerUnreachable
 from rallypoint.proxy import RedisRegistry
 
 pytestmark = pytest.mark.timeout(60)
@@ -337,3 +337,22 @@ def test_notification_replies_come_through_receive_never_through_the_call(job):
             assert got == want, f"run {run}"
             [direct_reply] = [m for m in replies if m.payload == ("ack", names[0], ("direct", run))]
             assert direct_reply.session_id == direct.session_id
+
+
+def test_after_a_peer_left_a_notification_to_it_is_dropped_and_a_task_refused(registry_url):
+    """A job's last messages race its end: a worker's notification (or reply) to a master that has just left is
+    dropped and counted, not an error that would crash the worker; a request that waits for an answer still
+    fails at once, since no answer can come."""
+    group = new_group()
+    master = make_proxy(registry_url, group, "master", "master")  # expects nobody: it never writes to the worker
+    with make_proxy(registry_url, group, "worker", "worker_001", expected_peers={"master": 1}) as worker:
+        master.close()  # still, the worker hears it left (the worker's hello told the master to say goodbye)
+        deadline = time.monotonic() + 5
+        while worker.peer_state("master") != "left":
+            assert time.monotonic() < deadline, worker.peer_state("master")
+            worker.poll(0.05)
+        note = SessionMessage(tag="update", destination="master", payload=1, session_type=SessionType.NOTIFICATION)
+        assert worker.isend(note) == [note.session_id]
+        assert worker.stats.undelivered == 1
+        with pytest.raises(PeerUnreachable, match="left"):
+            worker.isend(SessionMessage(tag="task", destination="master", payload=2))
