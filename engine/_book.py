@@ -30,7 +30,7 @@ from rallypoint.errors import IllegalTransition, UnknownSession
 from ._message import Message, SessionMessage
 from ._sessions import CompiledSessionType
 
-__all__ = ["Arrival", "Ended", "SessionBook", "SessionRecord", "expects_reply"]
+__all__ = ["RAISED_ENDINGS", "Arrival", "Ended", "SessionBook", "SessionRecord", "expects_reply"]
 
 # Events the proxy fires by itself on a one-way session: arrival, loss of the peer, expiry.
 _ONE_WAY_EVENTS = frozenset({"received", "peer_lost", "timeout"})
@@ -59,8 +59,9 @@ class Ended(str, Enum):
     CANCELLED = "cancelled"  # the caller gave up on it (an async task cancelled)
 
 
-# Endings the caller of receive_by_id must hear of (PeerGone, DeliveryRefused); the others were raised at the send.
-_TOLD = frozenset({Ended.GONE, Ended.LEFT, Ended.REFUSED})
+RAISED_ENDINGS = frozenset({Ended.GONE, Ended.LEFT, Ended.REFUSED})
+"""Endings the caller waiting on a session must hear of (PeerGone, DeliveryRefused); the others were raised by
+the call that sent it, or by the caller giving up."""
 
 
 class Arrival(Enum):
@@ -278,7 +279,7 @@ class SessionBook:
         record = self._live.get(session_id) or self._finished.get(session_id)
         if record is None:
             return True
-        if record.awaiting or record.ended in _TOLD:
+        if record.awaiting or record.ended in RAISED_ENDINGS:
             return True
         return record.ended is None and record.kind is not None and expects_reply(record.kind) and not record.is_final
 

@@ -537,9 +537,8 @@ class Membership:
         return gone, sorted(left)
 
     def live(self, component_type: str) -> list[str]:
-        """Live members of `component_type`, sorted."""
-        return sorted(p for p, r in self._members.items() if r.component_type == component_type
-                      and p not in self._gone and not self._unreachable(p))
+        """Live members of `component_type`, sorted (as `view()` lists them)."""
+        return self.view().get(component_type, [])
 
     def view(self) -> dict[str, list[str]]:
         """Live members by type: `{type: [names]}` (a copy: the caller may change it).

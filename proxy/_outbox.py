@@ -20,6 +20,7 @@ from rallypoint.errors import DeliveryRefused, PeerUnreachable, Timeout
 from ._config import HoldPolicy, Timeouts
 from ._driver import Driver
 from ._membership import Membership
+from ._registry import PeerRecord
 from ._stats import ProxyStats
 from ._wire import WireCodec
 
@@ -75,10 +76,7 @@ class Outbox:
     def _send_now(self, peer: str, message: Message, encoded_payload: tuple[list[Any], int] | None = None,
                   wait: float | None = None) -> bool:
         """Send to a peer not known to be gone; False (sending nothing) if its channel turned out broken."""
-        record = self._membership.ensure_channel(peer)
-        self._seq += 1
-        frames = self._codec.encode(message, incarnation=self._incarnation, seq=self._seq,
-                                    to_incarnation=record.incarnation, encoded_payload=encoded_payload)
+        frames = self._frames(message, self._membership.ensure_channel(peer), encoded_payload)
         try:
             self._driver.send(peer, frames, timeout=0)  # a channel that is up with room takes it at once
         except (PeerUnreachable, Timeout):
@@ -100,14 +98,18 @@ class Outbox:
         record = self._membership.record(peer)
         if record is None:
             return False
-        self._seq += 1
-        frames = self._codec.encode(message, incarnation=self._incarnation, seq=self._seq,
-                                    to_incarnation=record.incarnation)
         try:
-            self._driver.send(peer, frames, timeout=0)
+            self._driver.send(peer, self._frames(message, record), timeout=0)
         except (PeerUnreachable, Timeout):
             return False
         return True
+
+    def _frames(self, message: Message, record: PeerRecord,
+                encoded_payload: tuple[list[Any], int] | None = None) -> list[Any]:
+        """`message` as frames for the process `record` names, under our next sequence number."""
+        self._seq += 1
+        return self._codec.encode(message, incarnation=self._incarnation, seq=self._seq,
+                                  to_incarnation=record.incarnation, encoded_payload=encoded_payload)
 
     # ------------------------------------------------------------------------ holding
 

@@ -30,7 +30,7 @@ from enum import Enum
 from typing import Any, NamedTuple, TypeVar
 
 from rallypoint.engine import Message, SessionCatalog, SessionMessage, SessionType, Spec, load_spec
-from rallypoint.engine._book import Arrival, Ended, SessionBook, expects_reply
+from rallypoint.engine._book import RAISED_ENDINGS, Arrival, Ended, SessionBook, expects_reply
 from rallypoint.errors import (
     ConfigError,
     DeliveryRefused,
@@ -64,7 +64,6 @@ CONTROL = "rallypoint.control"
 """The session type of the proxies' own messages (a goodbye); no spec can declare it: spec names take no dots."""
 _LEAVE = "leave"
 _HELLO = "hello"  # "I keep a channel to you": whom to say goodbye to, though we never wrote to them
-_RAISED_ENDINGS = frozenset({Ended.GONE, Ended.LEFT, Ended.REFUSED})  # what receive_by_id raises for
 _LEAVE_FLOOR = 0.25  # seconds close() always gives the lease keeper to stop, so a normal close unregisters
 DOWN_GRACE = 0.1
 """Seconds a broken channel waits for its peer's goodbye before the peer counts as gone: a peer that closes
@@ -792,7 +791,7 @@ class Proxy:
                 return [got[sid] for sid in ids if sid in got]
             self._raise_if_ended(missing, [got[sid] for sid in ids if sid in got])
             next_expiry = self._outbox.expire()  # held messages may expire while we wait: say so then
-            if any(self._ended(sid) in _RAISED_ENDINGS for sid in missing):
+            if any(self._ended(sid) in RAISED_ENDINGS for sid in missing):
                 continue  # one expired just now: raise for it at the top of the loop
             left = time_left(deadline)
             if left == 0 and polled:
