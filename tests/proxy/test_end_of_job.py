@@ -346,7 +346,8 @@ def test_after_a_peer_left_a_notification_to_it_is_dropped_and_a_task_refused(re
     group = new_group()
     master = make_proxy(registry_url, group, "master", "master")  # expects nobody: it never writes to the worker
     with make_proxy(registry_url, group, "worker", "worker_001", expected_peers={"master": 1}) as worker:
-        master.close()  # still, the worker hears it left (the worker's hello told the master to say goodbye)
+        master.poll(1.0)  # the master goes on with its work a moment, taking in the worker's hello
+        master.close()  # so the worker hears it left, though the master never wrote to it
         deadline = time.monotonic() + 5
         while worker.peer_state("master") != "left":
             assert time.monotonic() < deadline, worker.peer_state("master")
